@@ -1,0 +1,224 @@
+"""The U-Net: shapes, presets, conditioning, determinism, gradients, and its layout/memory options."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from diffusion_lab.configs import register_resolvers
+from diffusion_lab.models import UNet, count_parameters
+from diffusion_lab.models.blocks import Upsample, group_norm
+from diffusion_lab.models.embeddings import sinusoidal_embedding
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+
+
+def randomise_zero_layers(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """DDPM zero-initialises each residual branch's last layer and the output conv, so a fresh net outputs
+    exactly 0; give those layers small random weights as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if torch.all(parameter == 0):
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def small_unet(**overrides) -> UNet:
+    kwargs = dict(
+        image_size=16,
+        in_channels=1,
+        model_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return randomise_zero_layers(UNet(**kwargs))
+
+
+def preset(name: str, image_size: int, channels: int) -> UNet:
+    """Instantiate a conf/model preset the way the training job does, for the given data geometry."""
+    register_resolvers()
+    root = OmegaConf.create({"data": {"image_size": image_size, "channels": channels}})
+    root.model = OmegaConf.load(f"{CONF}/{name}.yaml")
+    return instantiate(root.model)
+
+
+def test_ddpm_cifar10_preset_has_the_papers_35_7m_parameters():
+    model = preset("unet_ddpm_cifar10", 32, 3)
+    assert count_parameters(model) == pytest.approx(35.7e6, rel=0.01)
+
+
+def test_tiny_preset_is_under_300k_parameters():
+    assert count_parameters(preset("unet_tiny", 8, 1)) < 300_000
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "channels"),
+    [("unet_small", 8, 1), ("unet_small", 16, 1), ("unet_mnist", 28, 1), ("unet_mnist", 32, 1)],
+)
+def test_presets_run_at_their_resolutions(name, size, channels):
+    model = preset(name, size, channels)
+    out = model(torch.randn(2, channels, size, size), torch.tensor([0, 999]))
+    assert out.shape == (2, channels, size, size)
+
+
+@pytest.mark.parametrize(
+    ("image_size", "channels", "mult", "batch"),
+    [(8, 1, (1, 2), 1), (16, 3, (1, 2, 2), 3), (28, 1, (1, 2, 2), 2), (32, 3, (1, 2, 2, 2), 2)],
+)
+def test_output_has_the_input_shape(image_size, channels, mult, batch):
+    model = UNet(image_size, channels, 16, mult, 1, attention_resolutions=(image_size // 2,))
+    x = torch.randn(batch, channels, image_size, image_size)
+    out = model(x, torch.randint(0, 1000, (batch,)))
+    assert out.shape == x.shape and out.dtype == torch.float32
+
+
+def test_out_channels_can_differ_from_input():
+    model = UNet(8, 3, 16, (1, 2), 1, (), out_channels=6)
+    assert model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2])).shape == (2, 6, 8, 8)
+
+
+def test_scalar_timestep_broadcasts_over_the_batch():
+    model = small_unet().eval()
+    x = torch.randn(3, 1, 16, 16)
+    assert torch.equal(model(x, torch.tensor(5)), model(x, torch.full((3,), 5)))
+
+
+def test_bf16_autocast_matches_fp32():
+    model = small_unet().eval()
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 700])
+    reference = model(x, t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x, t)
+    assert low.dtype == torch.bfloat16
+    relative = (low.float() - reference).norm() / reference.norm()
+    assert relative < 3e-2
+
+
+def test_float64_round_trip():
+    model = small_unet().double().eval()
+    out = model(torch.randn(2, 1, 16, 16, dtype=torch.float64), torch.tensor([1, 2]))
+    assert out.dtype == torch.float64
+
+
+@pytest.mark.parametrize(("channels", "groups"), [(16, 4), (32, 8), (64, 16), (128, 32), (256, 32), (3, 1)])
+def test_group_norm_keeps_several_channels_per_group(channels, groups):
+    assert group_norm(channels).num_groups == groups
+
+
+def test_time_embedding_distinguishes_timesteps():
+    features = sinusoidal_embedding(torch.tensor([0, 1, 999]), 32)
+    assert features.shape == (3, 32)
+    assert torch.allclose(features[0, :16], torch.ones(16)) and torch.allclose(features[0, 16:], torch.zeros(16))
+    assert (features[1] - features[2]).abs().max() > 0.5
+    model = small_unet().eval()
+    x = torch.randn(1, 1, 16, 16)
+    assert not torch.allclose(model(x, torch.tensor([10])), model(x, torch.tensor([900])))
+
+
+def test_class_labels_change_the_output_and_the_null_label_is_unconditional():
+    model = small_unet(num_classes=10).eval()
+    assert model.null_label == 10
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([300, 300])
+    out_3 = model(x, t, torch.tensor([3, 3]))
+    out_7 = model(x, t, torch.tensor([7, 7]))
+    assert (out_3 - out_7).abs().max() > 1e-3
+    assert torch.equal(model(x, t), model(x, t, torch.tensor([10, 10])))
+
+
+def test_labels_for_an_unconditional_model_are_refused():
+    with pytest.raises(ValueError, match="unconditional"):
+        small_unet()(torch.randn(1, 1, 16, 16), torch.tensor([1]), torch.tensor([0]))
+
+
+def test_eval_mode_is_deterministic_and_dropout_acts_in_training():
+    model = small_unet(dropout=0.3)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 500])
+    model.eval()
+    assert torch.equal(model(x, t), model(x, t))
+    model.train()
+    assert not torch.equal(model(x, t), model(x, t))
+
+
+def test_every_parameter_receives_a_finite_nonzero_gradient():
+    model = small_unet(num_classes=4, scale_shift=True)
+    x, t = torch.randn(4, 1, 16, 16), torch.tensor([0, 10, 500, 999])
+    y = torch.tensor([0, 1, 2, 4])  # includes the null label
+    F.mse_loss(model(x, t, y), torch.randn_like(x)).backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, name
+        assert torch.isfinite(parameter.grad).all(), name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+def test_channels_last_and_contiguous_layouts_agree():
+    fast = small_unet(channels_last=True).eval()
+    plain = small_unet(channels_last=False).eval()
+    plain.load_state_dict(fast.state_dict())
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 600])
+    assert torch.allclose(fast(x, t), plain(x, t), atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = small_unet()
+    checkpointed = small_unet(gradient_checkpointing=True)
+    checkpointed.load_state_dict(model.state_dict())
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 600])
+    model(x, t).square().mean().backward()
+    checkpointed(x, t).square().mean().backward()
+    for (name, a), b in zip(model.named_parameters(), checkpointed.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_subpixel_upsample_equals_nearest_then_conv_with_its_gradients():
+    torch.manual_seed(0)
+    up = Upsample(6).double()
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    reference = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert torch.allclose(up(x), reference, atol=1e-12)
+    weight = torch.randn_like(reference)
+    ours = torch.autograd.grad((up(x) * weight).sum(), [x, up.conv.weight, up.conv.bias])
+    theirs = torch.autograd.grad((reference * weight).sum(), [x, up.conv.weight, up.conv.bias])
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+    assert torch.autograd.gradcheck(up, (x,))
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    model = small_unet().eval()
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 600])
+    expected = model(x, t)
+    compiled = torch.compile(model)
+    assert torch.allclose(compiled(x, t), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"image_size": 30, "channel_mult": (1, 2, 2)},
+            r"image_size=30 is not divisible by 2\^\(levels−1\) = 4",
+        ),
+        (
+            {"attention_resolutions": (5,)},
+            r"attention_resolutions=\[5\] includes \[5\].*levels are \[16, 8\]",
+        ),
+        ({"num_heads": 3}, "num_heads=3 must divide the 32 channels"),
+    ],
+)
+def test_bad_geometry_is_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        small_unet(**kwargs)
+
+
+def test_input_not_divisible_by_the_downsampling_factor_is_named():
+    model = small_unet()
+    with pytest.raises(ValueError, match=r"Input of 17×17 pixels is not divisible by this U-Net's downsampling"):
+        model(torch.randn(1, 1, 17, 17), torch.tensor([1]))
