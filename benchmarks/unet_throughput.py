@@ -1,0 +1,288 @@
+"""Training-step throughput of diffusion_lab's UNet against the peers' U-Nets, side by side in one run.
+
+Each model does forward + backward + AdamW on an ε-prediction MSE at random timesteps, with the same batch,
+resolution and precision, and a parameter count within ±10 % of ours. Models alternate round by round so
+that drifts of the machine hit all of them alike; the median round is reported.
+
+    pip install -e ".[bench]"
+    python benchmarks/unet_throughput.py                       # CPU: 32×32×1, batch 64, ~6.5 M parameters
+    python benchmarks/unet_throughput.py --layout cifar10 --device cuda --precision bf16 --batch-size 128
+
+Peers: huggingface diffusers' ``UNet2DModel`` and lucidrains' ``denoising_diffusion_pytorch.Unet``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffusion_lab.models import UNet, count_parameters
+
+# Dense bf16 / tf32 tensor-core peaks (TFLOP/s) for model-FLOPs utilisation.
+PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.0}, "H200": {"bf16": 989.0, "fp32": 494.0}}
+
+LAYOUTS = {
+    # The CPU target: 32×32 grey images, ~6.5 M parameters, attention at 16×16.
+    "mnist": {
+        "image_size": 32,
+        "channels": 1,
+        "ours": {
+            "model_channels": 64,
+            "channel_mult": (1, 2, 2),
+            "num_res_blocks": 2,
+            "attention_resolutions": (16,),
+        },
+        "diffusers": {
+            "block_out_channels": (64, 128, 128),
+            "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        },
+        "lucidrains": {"dim": 72, "dim_mults": (1, 2, 2)},
+    },
+    # The DDPM paper's CIFAR-10 network (35.7 M).
+    "cifar10": {
+        "image_size": 32,
+        "channels": 3,
+        "ours": {
+            "model_channels": 128,
+            "channel_mult": (1, 2, 2, 2),
+            "num_res_blocks": 2,
+            "attention_resolutions": (16,),
+            "dropout": 0.1,
+        },
+        "diffusers": {
+            "block_out_channels": (128, 256, 256, 256),
+            "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+            "dropout": 0.1,
+        },
+        "lucidrains": {"dim": 112, "dim_mults": (1, 2, 2, 2), "dropout": 0.1},
+    },
+}
+
+
+@dataclass
+class Contender:
+    name: str
+    model: nn.Module
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def build(name: str, layout: dict, args: argparse.Namespace) -> Contender:
+    size, channels = layout["image_size"], layout["channels"]
+    if name == "ours":
+        model = UNet(
+            size,
+            channels,
+            channels_last=args.channels_last,
+            **layout["ours"],
+        )
+        return _finish(Contender(name, model, lambda x, t: model(x, t)), args)
+    if name == "diffusers":
+        from diffusers import UNet2DModel
+
+        model = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, **layout["diffusers"])
+        return _finish(Contender(name, model, lambda x, t: model(x, t).sample), args)
+    from denoising_diffusion_pytorch import Unet
+
+    model = Unet(channels=channels, **layout["lucidrains"])
+    return _finish(Contender(name, model, lambda x, t: model(x, t)), args)
+
+
+def _finish(contender: Contender, args: argparse.Namespace) -> Contender:
+    contender.model.to(args.device)
+    if args.compile:
+        compiled = torch.compile(contender.forward)
+        contender.forward = compiled
+    return contender
+
+
+def make_step(contender: Contender, args: argparse.Namespace, layout: dict) -> Callable[[], None]:
+    """One training step: x_t from the closed form, MSE to ε, backward, AdamW."""
+    optimizer = torch.optim.AdamW(contender.model.parameters(), lr=1e-4)
+    alphas_cumprod = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0).to(args.device)
+    shape = (args.batch_size, layout["channels"], layout["image_size"], layout["image_size"])
+    x0 = torch.rand(shape, device=args.device) * 2 - 1
+    autocast = (
+        torch.autocast(device_type=torch.device(args.device).type, dtype=torch.bfloat16)
+        if args.precision == "bf16"
+        else nullcontext()
+    )
+
+    def step() -> None:
+        t = torch.randint(0, 1000, (args.batch_size,), device=args.device)
+        noise = torch.randn_like(x0)
+        ab = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        with autocast:
+            prediction = contender.forward(x_t, t)
+        loss = F.mse_loss(prediction.float(), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def training_flops(contender: Contender, args: argparse.Namespace, layout: dict) -> int:
+    """FLOPs of one forward + backward (torch.utils.flop_counter counts matmuls and convolutions)."""
+    shape = (args.batch_size, layout["channels"], layout["image_size"], layout["image_size"])
+    x = torch.randn(shape, device=args.device)
+    t = torch.randint(0, 1000, (args.batch_size,), device=args.device)
+    model = contender.model
+    with FlopCounterMode(display=False) as counter:
+        out = model(x, t)
+        out = out.sample if hasattr(out, "sample") else out
+        out.float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def measure_peak_memory(name: str, args: argparse.Namespace) -> float:
+    """Peak memory of training, in MiB: CUDA's allocator peak, or on the CPU the growth of a fresh
+    process's peak RSS over its size once the model and data exist (a subprocess per model)."""
+    if torch.device(args.device).type == "cuda":
+        layout = LAYOUTS[args.layout]
+        contender = build(name, layout, args)
+        step = make_step(contender, args, layout)
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        del contender, step
+        torch.cuda.empty_cache()
+        return peak
+    command = [sys.executable, __file__, "--memory-probe", name, *sys.argv[1:]]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return float(output.strip().splitlines()[-1])
+
+
+def memory_probe(name: str, args: argparse.Namespace) -> None:
+    layout = LAYOUTS[args.layout]
+    contender = build(name, layout, args)
+    step = make_step(contender, args, layout)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    step()
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline) / 1024)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="mnist")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps-per-round", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model's forward")
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="our UNet's channels_last option (the peers run as their authors ship them)",
+    )
+    parser.add_argument("--models", nargs="+", default=["ours", "diffusers", "lucidrains"])
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        memory_probe(args.memory_probe, args)
+        return
+
+    torch.manual_seed(0)
+    layout = LAYOUTS[args.layout]
+    contenders = [build(name, layout, args) for name in args.models]
+    ours_params = count_parameters(contenders[0].model)
+    print(
+        f"device={args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else os.cpu_count()} "
+        f"{'GPU' if args.device.startswith('cuda') else 'CPU threads'}), torch {torch.__version__}, "
+        f"layout={args.layout} {layout['image_size']}×{layout['image_size']}×{layout['channels']}, "
+        f"batch={args.batch_size}, precision={args.precision}, compile={args.compile}"
+    )
+    for contender in contenders:
+        params = count_parameters(contender.model)
+        ratio = params / ours_params
+        flag = "" if 0.9 <= ratio <= 1.1 else "  <-- outside ±10 %"
+        print(f"  {contender.name:<11} {params / 1e6:7.3f} M parameters ({ratio:5.1%} of ours){flag}")
+
+    flops = {c.name: training_flops(c, args, layout) for c in contenders}
+    steps = {c.name: make_step(c, args, layout) for c in contenders}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+        synchronize(args.device)
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            synchronize(args.device)
+            start = time.perf_counter()
+            for _ in range(args.steps_per_round):
+                step()
+            synchronize(args.device)
+            seconds[name].append((time.perf_counter() - start) / args.steps_per_round)
+
+    memory = {} if args.no_memory else {name: measure_peak_memory(name, args) for name in steps}
+    results = {}
+    ours_rate = args.batch_size / statistics.median(seconds[args.models[0]])
+    peak = None
+    if args.device.startswith("cuda"):
+        gpu = torch.cuda.get_device_name()
+        peak = next((v[args.precision] for k, v in PEAK_TFLOPS.items() if k in gpu), None)
+    print(
+        f"\n{'model':<11} {'images/s':>9} {'spread':>8} {'ms/step':>8} {'GFLOP/step':>11} {'TFLOP/s':>8}"
+        f"{' MFU':>6} {'peak MiB':>9} {'ours/this':>10}"
+    )
+    for name in steps:
+        step_time = statistics.median(seconds[name])
+        rate = args.batch_size / step_time
+        spread = (max(seconds[name]) - min(seconds[name])) / step_time
+        achieved = flops[name] / step_time / 1e12
+        mfu = f"{achieved / peak:6.1%}" if peak else "     -"
+        mem = f"{memory[name]:9.0f}" if name in memory else "        -"
+        results[name] = {
+            "images_per_s": rate,
+            "ms_per_step": step_time * 1e3,
+            "gflop_per_step": flops[name] / 1e9,
+            "tflops": achieved,
+            "peak_mib": memory.get(name),
+            "ours_over_this": ours_rate / rate,
+        }
+        print(
+            f"{name:<11} {rate:9.1f} {spread:8.1%} {step_time * 1e3:8.1f} {flops[name] / 1e9:11.1f} {achieved:8.3f}"
+            f"{mfu} {mem} {ours_rate / rate:10.2f}x"
+        )
+    peers = [n for n in steps if n != args.models[0]]
+    if peers:
+        fastest = max(peers, key=lambda n: results[n]["images_per_s"])
+        print(f"\nours vs the fastest peer ({fastest}): {ours_rate / results[fastest]['images_per_s']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"args": vars(args), "results": results}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
