@@ -15,9 +15,7 @@ from diffusion_lab.diffusion.samplers import sample, sampler_timesteps
 from diffusion_lab.diffusion.schedules import make_schedule
 from tests.helpers import GaussianDataDenoiser
 
-diffusers = pytest.importorskip(
-    "diffusers", reason="diffusers (the dev extra) is the reference implementation"
-)
+diffusers = pytest.importorskip("diffusers", reason="diffusers (the dev extra) is the reference implementation")
 
 DIFFUSERS_SCHEDULE_NAMES = {
     "linear": "linear",

@@ -17,9 +17,7 @@ VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
 def check_prediction_type(prediction_type: str) -> None:
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(
-            f"Unknown prediction_type {prediction_type!r}; valid choices: {', '.join(PREDICTION_TYPES)}."
-        )
+        raise ValueError(f"Unknown prediction_type {prediction_type!r}; valid choices: {', '.join(PREDICTION_TYPES)}.")
 
 
 class GaussianDiffusion:
@@ -98,9 +96,7 @@ class GaussianDiffusion:
         variance = 1.0 - self.coefficient("alphas_cumprod", t, x0)
         return mean, variance.expand_as(x0)
 
-    def q_posterior(
-        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of q(x_{t-1} | x_t, x_0), the Gaussian every reverse step imitates."""
         mean = (
             self.coefficient("posterior_mean_coef_x0", t, x_t) * x0
@@ -176,9 +172,7 @@ class GaussianDiffusion:
         (``fixed_large``), Ho et al.'s two choices. ``clip_sample`` clamps x̂₀ to [-c, c] (c = 1 for True).
         """
         if variance_type not in VARIANCE_TYPES:
-            raise ValueError(
-                f"Unknown variance_type {variance_type!r}; valid choices: {', '.join(VARIANCE_TYPES)}."
-            )
+            raise ValueError(f"Unknown variance_type {variance_type!r}; valid choices: {', '.join(VARIANCE_TYPES)}.")
         x0 = clamp_x0(self.predict_x0(x_t, t, model_output), clip_sample)
         mean, posterior_variance = self.q_posterior(x0, x_t, t)
         if variance_type == "fixed_small":

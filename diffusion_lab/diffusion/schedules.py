@@ -24,9 +24,7 @@ def _check_open_unit_interval(name: str, value: float) -> None:
 
 def _check_num_timesteps(num_train_timesteps: int) -> None:
     if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, int):
-        raise ValueError(
-            f"num_train_timesteps={num_train_timesteps!r} must be a positive integer, e.g. 1000."
-        )
+        raise ValueError(f"num_train_timesteps={num_train_timesteps!r} must be a positive integer, e.g. 1000.")
     if num_train_timesteps <= 0:
         raise ValueError(f"num_train_timesteps={num_train_timesteps} must be a positive integer, e.g. 1000.")
 
@@ -105,8 +103,7 @@ class NoiseSchedule:
             raise ValueError(f"respace needs unique timesteps, got {kept.tolist()}.")
         if kept[0] < 0 or kept[-1] >= self.num_train_timesteps:
             raise ValueError(
-                f"timesteps must lie in [0, {self.num_train_timesteps - 1}], "
-                f"got {kept[0].item()}..{kept[-1].item()}."
+                f"timesteps must lie in [0, {self.num_train_timesteps - 1}], got {kept[0].item()}..{kept[-1].item()}."
             )
         kept_cumprod = self.alphas_cumprod[kept]
         previous = torch.cat([kept_cumprod.new_ones(1), kept_cumprod[:-1]])

@@ -42,9 +42,7 @@ __all__ = [
 
 def sampler_timesteps(sampler: str, num_train_timesteps: int, num_steps: int, spacing: str) -> torch.Tensor:
     """The descending timesteps ``sampler`` evaluates the network at (diffusers' grid for that sampler)."""
-    return sampling_timesteps(
-        num_train_timesteps, num_steps, spacing, drop_final_point=(sampler == "dpm_solver++")
-    )
+    return sampling_timesteps(num_train_timesteps, num_steps, spacing, drop_final_point=(sampler == "dpm_solver++"))
 
 
 def _check_options(sampler: str, eta: float, variance_type: str) -> None:
@@ -55,9 +53,7 @@ def _check_options(sampler: str, eta: float, variance_type: str) -> None:
     if eta != 0.0 and sampler != "ddim":
         raise ValueError(f"eta={eta} applies only to sampler='ddim', not {sampler!r}; leave eta=0.")
     if variance_type not in VARIANCE_TYPES:
-        raise ValueError(
-            f"Unknown variance_type {variance_type!r}; valid choices: {', '.join(VARIANCE_TYPES)}."
-        )
+        raise ValueError(f"Unknown variance_type {variance_type!r}; valid choices: {', '.join(VARIANCE_TYPES)}.")
 
 
 def sample(
@@ -104,9 +100,7 @@ def sample(
 
     with torch.no_grad():
         if sampler == "ddpm":
-            x = ddpm_loop(
-                model_fn, chain, x, variance_type=variance_type, clip_sample=clip_sample, generator=generator
-            )
+            x = ddpm_loop(model_fn, chain, x, variance_type=variance_type, clip_sample=clip_sample, generator=generator)
         elif sampler == "ddim":
             x = ddim_loop(model_fn, chain, x, eta=eta, clip_sample=clip_sample, generator=generator)
         else:

@@ -14,9 +14,7 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Generator = torch.Generator | Sequence[torch.Generator] | None
 
 
-def randn(
-    shape: Sequence[int], generator: Generator, device: torch.device | str, dtype: torch.dtype
-) -> torch.Tensor:
+def randn(shape: Sequence[int], generator: Generator, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
     """Standard normal noise, drawn in float32 on the generator's device and then cast and moved, so a seed
     gives the same values whatever the sample's dtype or device. With a list of generators, row i comes from
     generator i alone: a sample's noise does not depend on the batch it was drawn in."""
@@ -26,9 +24,7 @@ def randn(
         noise = torch.randn(tuple(shape), generator=generator, device=generator.device)
     else:
         if len(generator) != shape[0]:
-            raise ValueError(
-                f"Got {len(generator)} generators for a batch of {shape[0]}; pass one per sample."
-            )
+            raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]}; pass one per sample.")
         noise = torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in generator])
     return noise.to(device=device, dtype=dtype)
 
@@ -82,6 +78,4 @@ class SamplingChain:
 
     def record(self, i: int, x_t: torch.Tensor, pred_x0: torch.Tensor) -> None:
         if self.trajectory is not None:
-            self.trajectory.append(
-                TrajectoryStep(int(self.timesteps[i]), x_t.detach().cpu(), pred_x0.detach().cpu())
-            )
+            self.trajectory.append(TrajectoryStep(int(self.timesteps[i]), x_t.detach().cpu(), pred_x0.detach().cpu()))

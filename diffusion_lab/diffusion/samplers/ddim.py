@@ -36,9 +36,7 @@ def ddim_loop(
         chain.record(i, x, pred_x0)
 
         alpha_cumprod, alpha_cumprod_prev = chain.alphas_cumprod[i], chain.alpha_cumprod_prev(i)
-        variance = (
-            (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod) * (1.0 - alpha_cumprod / alpha_cumprod_prev)
-        )
+        variance = (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod) * (1.0 - alpha_cumprod / alpha_cumprod_prev)
         std = eta * math.sqrt(max(variance, 0.0))
         direction = math.sqrt(max(1.0 - alpha_cumprod_prev - std**2, 0.0))
         x = math.sqrt(alpha_cumprod_prev) * pred_x0 + direction * pred_eps

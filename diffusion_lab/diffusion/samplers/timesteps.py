@@ -36,17 +36,10 @@ def sampling_timesteps(
     diffusers' DPM-Solver does.
     """
     if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"Unknown timestep_spacing {spacing!r}; valid choices: {', '.join(TIMESTEP_SPACINGS)}.")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(
-            f"Unknown timestep_spacing {spacing!r}; valid choices: {', '.join(TIMESTEP_SPACINGS)}."
-        )
-    if (
-        isinstance(num_steps, bool)
-        or not isinstance(num_steps, int)
-        or not 1 <= num_steps <= num_train_timesteps
-    ):
-        raise ValueError(
-            f"num_steps={num_steps!r} must be an integer between 1 and "
-            f"num_train_timesteps={num_train_timesteps}."
+            f"num_steps={num_steps!r} must be an integer between 1 and num_train_timesteps={num_train_timesteps}."
         )
     if drop_final_point and spacing != "trailing":
         grid = _grid(num_train_timesteps, num_steps + 1, spacing)[:-1]
