@@ -31,3 +31,92 @@ class GaussianDataDenoiser:
         if self.prediction_type == "sample":
             return x0
         return ab.sqrt() * eps - (1.0 - ab).sqrt() * x0
+
+
+def write_cifar10(root, train_per_batch: int = 8, test: int = 8, seed: int = 0):
+    """A small CIFAR-10 in torchvision's on-disk format (cifar-10-batches-py/ pickles of dicts with numpy data)."""
+    import pickle
+    from pathlib import Path
+
+    import numpy as np
+
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    files = {f"data_batch_{i}": train_per_batch for i in range(1, 6)} | {"test_batch": test}
+    for name, count in files.items():
+        batch = {
+            b"batch_label": name.encode(),
+            b"labels": rng.integers(0, 10, count).tolist(),
+            b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+            b"filenames": [f"{name}_{i}.png".encode() for i in range(count)],
+        }
+        with open(folder / name, "wb") as handle:
+            pickle.dump(batch, handle, protocol=2)
+    return folder
+
+
+def write_image_folder(root, classes=("cats", "dogs"), per_class: int = 6, size: int = 20):
+    """PNG files in one sub-folder per class, with a different mean brightness per class."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k, name in enumerate(classes):
+        (Path(root) / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(60 + 120 * k, 20, (size, size + 4, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(Path(root) / name / f"{i}.png")
+    return Path(root)
+
+
+def write_idx_dataset(root, folder_name: str = "MNIST", train: int = 32, test: int = 16, seed: int = 0):
+    """A small MNIST-format dataset (big-endian IDX files) under ``root/<folder_name>/raw``."""
+    import struct
+    from pathlib import Path
+
+    import numpy as np
+
+    raw = Path(root) / folder_name / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, count in (("train", train), ("t10k", test)):
+        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, count, dtype=np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, count, 28, 28) + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, count) + labels.tobytes())
+    return Path(root)
+
+
+def read_wandb_records(path):
+    """The protobuf Records of a W&B transaction log (``run-*.wandb``).
+
+    The file is a 7-byte header (":W&B", magic 0xBEE1, version) followed by 32 KiB blocks of LevelDB-log records
+    (crc32c: 4 bytes, length: 2, type: 1 = full, 2 = first, 3 = middle, 4 = last).
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    with open(path, "rb") as handle:
+        data = handle.read()
+    assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
+    records, pending, position, block = [], b"", 7, 32768
+    while position + 7 <= len(data):
+        room = block - position % block
+        if room < 7:  # the rest of a block too small for a header is padding
+            position += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if kind == 0 and length == 0:
+            break
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
