@@ -1,0 +1,256 @@
+"""DiffusionModule: the LightningModule that composes a network, the Gaussian process, a loss weighting and
+a sampler. Training logic only; the maths lives in ``diffusion_lab.diffusion``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+
+from diffusion_lab.callbacks.ema import find_ema
+from diffusion_lab.diffusion import GaussianDiffusion, LossWeighting, NoiseSchedule, classifier_free_guidance
+from diffusion_lab.diffusion.samplers import TrajectoryStep, sample
+
+SAMPLER_DEFAULTS: dict[str, Any] = {
+    "sampler": "ddim",
+    "num_steps": 50,
+    "eta": 0.0,
+    "timestep_spacing": "trailing",
+    "variance_type": "fixed_small",
+    "clip_sample": True,
+}
+
+
+class DiffusionModule(L.LightningModule):
+    """ε-objective training of ``net`` (or x₀/v, per ``prediction_type``) and sampling from it.
+
+    Args:
+        net: the network, ``net(x_t, t, y=None)``; its ``num_classes`` (if any) enables class conditioning.
+        schedule: the noise schedule of the forward process.
+        prediction_type: ``epsilon``, ``sample`` or ``v_prediction``.
+        loss_weighting: λ(t) on each sample's MSE.
+        optimizer / lr_scheduler: factories (Hydra ``_partial_`` configs) given the parameters / optimiser.
+        sampler: default sampling settings (sampler, num_steps, eta, timestep_spacing, variance_type,
+            clip_sample) for sample grids and ``generate``.
+        label_dropout: probability of replacing a label by the null label in training, which teaches the
+            same network the unconditional model that classifier-free guidance needs.
+        loss_buckets: how many equal ranges of t the per-timestep loss is logged in (``train/loss_t{k}``).
+        val_seed: seeds t and ε of validation batch i, so validation losses are comparable across epochs.
+        compile: ``torch.compile`` the network.
+        config: the resolved run configuration, stored in every checkpoint so sampling and evaluation can
+            rebuild the module from the checkpoint alone.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: NoiseSchedule,
+        prediction_type: str,
+        loss_weighting: LossWeighting,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        sampler: dict[str, Any] | None = None,
+        label_dropout: float = 0.1,
+        loss_buckets: int = 10,
+        val_seed: int = 1234,
+        compile: bool = False,
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout={label_dropout} must lie in [0, 1) (0.1 is usual for guidance).")
+        if loss_buckets < 1:
+            raise ValueError(f"loss_buckets={loss_buckets} must be >= 1.")
+        self.net = net
+        self.diffusion = GaussianDiffusion(schedule, prediction_type)
+        self.loss_weighting = loss_weighting
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.sampler_settings = {**SAMPLER_DEFAULTS, **(sampler or {})}
+        self.label_dropout = label_dropout
+        self.val_seed = val_seed
+        self.config = config
+        self.bucket_losses = nn.ModuleList(MeanMetric() for _ in range(loss_buckets))
+        if compile:
+            self.net.compile()
+
+    # -- properties ------------------------------------------------------------------------------------
+
+    @property
+    def schedule(self) -> NoiseSchedule:
+        return self.diffusion.schedule
+
+    @property
+    def num_classes(self) -> int | None:
+        return getattr(self.net, "num_classes", None)
+
+    @property
+    def null_label(self) -> int | None:
+        return getattr(self.net, "null_label", None)
+
+    # -- the objective ----------------------------------------------------------------------------------
+
+    def per_sample_loss(
+        self,
+        net: nn.Module,
+        x0: torch.Tensor,
+        labels: torch.Tensor | None,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """λ(t) · mean-squared error of the prediction-type target, one value per sample (float32).
+
+        The network may run under autocast (bf16-mixed); the forward process, the target and the loss are
+        computed in float32 outside it.
+        """
+        x_t = self.diffusion.q_sample(x0, t, noise)
+        output = net(x_t, t, labels) if labels is not None else net(x_t, t)
+        with torch.autocast(device_type=x0.device.type, enabled=False):
+            target = self.diffusion.training_target(x0, noise, t)
+            squared_error = (output.float() - target).square().flatten(1).mean(dim=1)
+            return self.loss_weighting(self.diffusion, t).float() * squared_error
+
+    def _labels_for(self, labels: torch.Tensor | None, *, drop: bool) -> torch.Tensor | None:
+        if self.num_classes is None:
+            return None
+        if labels is None:
+            raise ValueError(
+                f"model.num_classes={self.num_classes} asks for class conditioning but the data has no labels; "
+                "set model.num_classes=null or use a labelled dataset."
+            )
+        if drop and self.label_dropout > 0:
+            dropped = torch.rand(labels.shape[0], device=labels.device) < self.label_dropout
+            labels = torch.where(dropped, torch.full_like(labels, self.null_label), labels)
+        return labels
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor | None], batch_idx: int) -> torch.Tensor:
+        x0, labels = batch
+        t = torch.randint(0, self.diffusion.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0)
+        losses = self.per_sample_loss(self.net, x0, self._labels_for(labels, drop=True), t, noise)
+        loss = losses.mean()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self._update_bucket_losses(losses.detach(), t)
+        return loss
+
+    def _update_bucket_losses(self, losses: torch.Tensor, t: torch.Tensor) -> None:
+        """Per-bucket running means (synced across ranks), logged every ``log_every_n_steps`` steps."""
+        buckets = len(self.bucket_losses)
+        bucket = t * buckets // self.diffusion.num_train_timesteps
+        counts = torch.zeros(buckets, device=losses.device).index_add_(0, bucket, torch.ones_like(losses))
+        sums = torch.zeros(buckets, device=losses.device).index_add_(0, bucket, losses)
+        for k, metric in enumerate(self.bucket_losses):
+            metric.update(sums[k] / counts[k].clamp(min=1), weight=counts[k])
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        if (self.global_step + 1) % every == 0:
+            for k, metric in enumerate(self.bucket_losses):
+                self.log(f"train/loss_t{k}", metric.compute(), on_step=True, on_epoch=False)
+                metric.reset()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor | None], batch_idx: int) -> None:
+        x0, labels = batch
+        generator = torch.Generator(device=x0.device).manual_seed(
+            self.val_seed + 1_000_003 * self.global_rank + batch_idx
+        )
+        t = torch.randint(0, self.diffusion.num_train_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        labels = self._labels_for(labels, drop=False)
+        ema = find_ema(self._trainer)
+        if ema is None:
+            loss = self.per_sample_loss(self.net, x0, labels, t, noise).mean()
+            self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
+            return
+        # During validation the EMA callback has swapped the averaged weights into this module.
+        ema_loss = self.per_sample_loss(self.net, x0, labels, t, noise).mean()
+        raw_net = ema.raw_module(self).net
+        was_training = raw_net.training
+        raw_net.eval()
+        raw_loss = self.per_sample_loss(raw_net, x0, labels, t, noise).mean()
+        raw_net.train(was_training)
+        self.log("val/loss", raw_loss, sync_dist=True, batch_size=x0.shape[0])
+        self.log("val/loss_ema", ema_loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
+
+    # -- optimisation ---------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.net.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # -- sampling -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        num_samples: int | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
+        noise: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        guidance_scale: float = 0.0,
+        return_trajectory: bool = False,
+        **sampler_overrides: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[TrajectoryStep]]:
+        """Samples in [−1, 1] from this module's current weights (eval mode).
+
+        ``seeds[i]`` seeds sample i alone (its own CPU generator), so a sample does not depend on the batch
+        it is drawn in; ``labels`` and ``guidance_scale`` (w of ε̃ = (1 + w) ε_c − w ε_∅) need a
+        class-conditional network.
+        """
+        settings = {**self.sampler_settings, **{k: v for k, v in sampler_overrides.items() if v is not None}}
+        net = self.net
+        if seeds is not None:
+            num_samples = len(seeds)
+        if num_samples is None:
+            raise ValueError("generate needs num_samples, seeds or noise.")
+        shape = (num_samples, net.in_channels, net.image_size, net.image_size)
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds] if seeds is not None else None
+        model_fn = self._model_fn(net, labels, guidance_scale)
+        was_training = net.training
+        net.eval()
+        try:
+            return sample(
+                model_fn,
+                self.schedule,
+                shape,
+                prediction_type=self.diffusion.prediction_type,
+                generator=generators,
+                noise=noise,
+                device=self.device,
+                return_trajectory=return_trajectory,
+                **settings,
+            )
+        finally:
+            net.train(was_training)
+
+    def _model_fn(self, net: nn.Module, labels: torch.Tensor | None, guidance_scale: float):
+        if self.num_classes is None:
+            if labels is not None or guidance_scale:
+                raise ValueError(
+                    "class_label / guidance_scale need a class-conditional model (trained with model.num_classes "
+                    "set on labelled data); this one is unconditional."
+                )
+            return net
+        if labels is None:  # the unconditional model that label dropout trained
+            return lambda x, t: net(x, t, torch.full((x.shape[0],), self.null_label, device=x.device))
+        labels = labels.to(self.device)
+
+        def conditional(x, t):
+            return net(x, t, labels[: x.shape[0]])
+
+        def unconditional(x, t):
+            return net(x, t, torch.full((x.shape[0],), self.null_label, device=x.device))
+
+        return classifier_free_guidance(conditional, unconditional, guidance_scale)
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.config is not None:
+            checkpoint["diffusion_lab_config"] = self.config
