@@ -1,8 +1,99 @@
-"""Hydra/OmegaConf registrations shared by every job: config resolvers (and, below, the structured schemas)."""
+"""Hydra/OmegaConf registrations shared by every job: config resolvers and the structured schemas that make a
+typo or a wrong type in ``schedule``, ``objective``, ``loss_weighting`` or ``sampler`` fail at composition.
+
+Each YAML of those groups starts with ``defaults: [base_<group>]``, so it is merged onto the schema below:
+unknown keys, wrong types and values outside an Enum are refused with Hydra's message naming the key.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import Enum
+
+from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
+
+
+class BetaSchedule(str, Enum):
+    linear = "linear"
+    scaled_linear = "scaled_linear"
+    cosine = "cosine"
+    sigmoid = "sigmoid"
+    constant = "constant"
+
+
+class PredictionType(str, Enum):
+    epsilon = "epsilon"
+    sample = "sample"
+    v_prediction = "v_prediction"
+
+
+class WeightingName(str, Enum):
+    uniform = "uniform"
+    snr = "snr"
+    min_snr = "min_snr"
+    p2 = "p2"
+
+
+class TimestepSpacing(str, Enum):
+    leading = "leading"
+    linspace = "linspace"
+    trailing = "trailing"
+
+
+class VarianceType(str, Enum):
+    fixed_small = "fixed_small"
+    fixed_large = "fixed_large"
+
+
+@dataclass
+class ScheduleConfig:
+    """``make_schedule`` arguments; parameters left null take the schedule's defaults."""
+
+    beta_schedule: BetaSchedule = BetaSchedule.linear
+    num_train_timesteps: int = 1000
+    beta_start: float | None = None
+    beta_end: float | None = None
+    beta: float | None = None  # constant
+    s: float | None = None  # cosine offset
+    max_beta: float | None = None  # cosine clip
+    rescale_betas_zero_snr: bool = False
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the network predicts."""
+
+    prediction_type: PredictionType = PredictionType.epsilon
+
+
+@dataclass
+class LossWeightingConfig:
+    """λ(t); ``gamma`` for min_snr and p2, ``k`` for p2."""
+
+    name: WeightingName = WeightingName.uniform
+    gamma: float | None = None
+    k: float | None = None
+
+
+@dataclass
+class SamplerConfig:
+    """Sampling settings; ``sampler`` ∈ {ddpm, ddim, dpm_solver++}, ``num_steps`` null = every timestep."""
+
+    sampler: str = "ddim"
+    num_steps: int | None = 50
+    eta: float = 0.0
+    timestep_spacing: TimestepSpacing = TimestepSpacing.trailing
+    variance_type: VarianceType = VarianceType.fixed_small
+    clip_sample: bool = True
+
+
+SCHEMAS = {
+    "schedule": ScheduleConfig,
+    "objective": ObjectiveConfig,
+    "loss_weighting": LossWeightingConfig,
+    "sampler": SamplerConfig,
+}
 
 
 def _integer_division(numerator: int, denominator: int) -> int:
@@ -13,3 +104,16 @@ def register_resolvers() -> None:
     """``${div:a,b}`` → a // b (e.g. attention at half the image size). Safe to call repeatedly."""
     if not OmegaConf.has_resolver("div"):
         OmegaConf.register_new_resolver("div", _integer_division)
+
+
+def register_configs() -> None:
+    """Resolvers plus the ``base_<group>`` schemas in Hydra's ConfigStore. Safe to call repeatedly."""
+    register_resolvers()
+    store = ConfigStore.instance()
+    for group, schema in SCHEMAS.items():
+        store.store(group=group, name=f"base_{group}", node=schema)
+
+
+def plain(node) -> dict:
+    """A config node as plain Python (resolved, Enums as strings): what builders and checkpoints take."""
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)

@@ -1,0 +1,106 @@
+"""What every job does around its work: show the config, find the checkpoint to resume, report user errors."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from hydra.errors import InstantiationException
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_lab.errors import ConfigError, UserError
+
+log = logging.getLogger("diffusion_lab")
+T = TypeVar("T")
+
+GROUP_ORDER = (
+    "data",
+    "model",
+    "schedule",
+    "objective",
+    "loss_weighting",
+    "sampler",
+    "optimizer",
+    "lr_scheduler",
+    "trainer",
+    "callbacks",
+    "logger",
+    "paths",
+)
+
+
+@rank_zero_only
+def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
+    """The resolved config as a rich tree, one branch per group (and saved as text next to the run)."""
+    from rich.console import Console
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", style="bold")
+    keys = [k for k in GROUP_ORDER if k in cfg] + [k for k in cfg if k not in GROUP_ORDER]
+    for key in keys:
+        value = cfg[key]
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        tree.add(f"[bold]{key}[/bold]").add(Syntax(text, "yaml", theme="ansi_dark", word_wrap=True))
+    Console().print(tree)
+    if save_to is not None:
+        save_to.parent.mkdir(parents=True, exist_ok=True)
+        with open(save_to, "w") as handle:
+            Console(file=handle, width=120).print(tree)
+
+
+def resolve_checkpoint(ckpt_path: str | None, log_dir: Path, current_run_dir: Path) -> str | None:
+    """``None`` → no resume; ``"last"`` → the newest ``checkpoints/last.ckpt`` of an earlier run under ``log_dir``;
+    anything else → that file, which must exist."""
+    if not ckpt_path:
+        return None
+    if str(ckpt_path) == "last":
+        current = current_run_dir.resolve()
+        candidates = [
+            path
+            for path in log_dir.glob("**/checkpoints/last.ckpt")
+            if current not in path.resolve().parents and path.is_file()
+        ]
+        if not candidates:
+            raise ConfigError(
+                f"ckpt_path=last found no earlier run with checkpoints/last.ckpt under {log_dir}/; "
+                "give the checkpoint's path instead (ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt)."
+            )
+        return str(max(candidates, key=lambda path: path.stat().st_mtime))
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path} does not exist; give an existing .ckpt file or ckpt_path=last.")
+    return str(path)
+
+
+@contextmanager
+def config_errors() -> Iterator[None]:
+    """Inside: building objects from the config, where a ValueError means a bad value (the message names it)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (ValueError, InstantiationException) as error:
+        cause = error
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError)):
+            raise ConfigError(str(cause)) from error
+        raise
+
+
+def report_user_errors(job: Callable[..., T], *args, **kwargs) -> T:
+    """Run ``job``; a ``UserError`` ends the process with its one-line message (exit status 1), not a traceback."""
+    try:
+        return job(*args, **kwargs)
+    except UserError as error:
+        log.error("%s: %s", type(error).__name__, error)
+        print(f"\nError: {error}", file=sys.stderr)
+        sys.exit(1)

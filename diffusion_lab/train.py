@@ -1,0 +1,92 @@
+"""Train a diffusion model: ``python -m diffusion_lab.train [group=option ...] [key=value ...]``.
+
+python -m diffusion_lab.train experiment=quickstart
+python -m diffusion_lab.train schedule=cosine trainer=ddp trainer.devices=4
+python -m diffusion_lab.train -m schedule=linear,cosine loss_weighting=uniform,min_snr
+python -m diffusion_lab.train ckpt_path=last
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from diffusion_lab.build import build_module, storable_config
+from diffusion_lab.configs import register_configs
+from diffusion_lab.runs import config_errors, print_config_tree, report_user_errors, resolve_checkpoint
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger(__name__)
+register_configs()
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a dict-of-configs group (callbacks, loggers); null entries are skipped."""
+    if not group:
+        return []
+    return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit the configured model; returns the final callback metrics as floats."""
+    send_lightning_logs_to_the_run_log()
+    if cfg.get("print_config"):
+        print_config_tree(cfg, Path(cfg.paths.output_dir) / "config_tree.log")
+    L.seed_everything(cfg.seed, workers=True)
+    with config_errors():
+        datamodule = instantiate(cfg.data)
+        module = build_module(cfg, run_config=storable_config(cfg))
+        trainer: L.Trainer = instantiate(
+            cfg.trainer,
+            callbacks=instantiate_group(cfg.get("callbacks")),
+            logger=instantiate_group(cfg.get("logger")) or False,
+        )
+        checkpoint = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.log_dir), Path(cfg.paths.output_dir))
+    if checkpoint is not None:
+        log_rank_zero(f"Resuming from {checkpoint}")
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+    finally:
+        finish_wandb_runs(trainer)
+    return {key: float(value) for key, value in trainer.callback_metrics.items()}
+
+
+def send_lightning_logs_to_the_run_log() -> None:
+    """Lightning installs its own console handler and stops propagation when imported before logging is
+    configured; hand its messages to Hydra's handlers so they also reach the run's log file."""
+    lightning_logger = logging.getLogger("lightning.pytorch")
+    if logging.getLogger().handlers:
+        lightning_logger.handlers.clear()
+        lightning_logger.propagate = True
+
+
+def finish_wandb_runs(trainer: L.Trainer) -> None:
+    """Close W&B runs so their summary is written (and an offline run is complete for ``wandb sync``);
+    Lightning leaves this to the caller, and a sweep's next job would otherwise reuse the run."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
+@rank_zero_only
+def log_rank_zero(message: str) -> None:
+    log.info(message)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = report_user_errors(train, cfg)
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric else None
+
+
+if __name__ == "__main__":
+    main()

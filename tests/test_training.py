@@ -1,0 +1,210 @@
+"""Training runs for real: in-process for speed, and through the CLI where processes matter (DDP, multirun)."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusion_lab.train import train
+from tests.conftest import FAST, run_cli
+from tests.helpers import read_wandb_records
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_a_short_run_writes_checkpoints_grids_and_metrics(compose_config, tmp_path):
+    metrics = train(compose_config(FAST))
+    run = tmp_path / "run"
+    assert {p.name for p in (run / "checkpoints").iterdir()} >= {"last.ckpt", "best.ckpt", "step_0000005.ckpt"}
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000005.png", "step_0000010.png"]
+    rows = read_metrics(run)
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert {"train/loss", "val/loss", "val/loss_ema", "lr-AdamW"} <= logged
+    assert {f"train/loss_t{k}" for k in range(10)} <= logged
+    assert metrics["val/loss_ema"] > 0 and torch.isfinite(torch.tensor(metrics["val/loss_ema"]))
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert checkpoint["global_step"] == 10
+    assert checkpoint["diffusion_lab_config"]["model"]["model_channels"] == 16
+    # EMA: the averaged weights are the checkpoint's state_dict, the raw ones are kept alongside.
+    ema, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)
+
+
+def test_validation_losses_are_reproducible(compose_config, tmp_path):
+    first = train(compose_config(FAST, run_dir=tmp_path / "a"))
+    second = train(compose_config(FAST, run_dir=tmp_path / "b"))
+    assert first["val/loss"] == second["val/loss"] and first["val/loss_ema"] == second["val/loss_ema"]
+
+
+def test_bf16_mixed_precision_trains_on_cpu(compose_config, tmp_path):
+    metrics = train(compose_config([*FAST, "trainer.precision=bf16-mixed"]))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 10
+
+
+def test_class_conditional_training_on_labelled_digits(compose_config, tmp_path):
+    train(compose_config([*FAST, "model.num_classes=${data.num_classes}", "callbacks.sample_grid.guidance_scale=2.0"]))
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "run" / "samples" / "step_0000010.png")
+    assert grid.size[0] == 10 * 34 + 2  # one column per class
+
+
+def test_resume_continues_from_the_saved_step(compose_config, tmp_path):
+    train(compose_config(FAST, run_dir=tmp_path / "first"))
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    train(compose_config([*FAST, f"ckpt_path={last}", "trainer.max_steps=15"], run_dir=tmp_path / "second"))
+    resumed = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 15
+    steps = [int(row["step"]) for row in read_metrics(tmp_path / "second") if row.get("train/loss")]
+    assert steps and min(steps) >= 10
+
+
+def test_resume_last_finds_the_newest_earlier_run(compose_config, tmp_path):
+    outputs = tmp_path / "outputs"
+    train(compose_config(FAST, run_dir=outputs / "2026-01-01" / "10-00-00"))
+    metrics = train(compose_config([*FAST, "ckpt_path=last", "trainer.max_steps=12"], run_dir=outputs / "new"))
+    assert "train/loss" in metrics
+    assert torch.load(outputs / "new" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 12
+
+
+def test_wandb_offline_writes_a_run_with_the_logged_metrics(compose_config, tmp_path):
+    train(compose_config([*FAST, "logger=wandb"]))
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    records = read_wandb_records(next(runs[0].glob("run-*.wandb")))
+    kinds = [record.WhichOneof("record_type") for record in records]
+    assert kinds[-1] == "exit"  # finished, so `wandb sync` uploads a complete run
+    history = [
+        {item.key or "/".join(item.nested_key): item.value_json for item in record.history.item}
+        for record in records
+        if record.WhichOneof("record_type") == "history"
+    ]
+    keys = {key for row in history for key in row}
+    assert {"train/loss", "val/loss", "val/loss_ema", "train/loss_t0", "train/loss_t9", "lr-AdamW"} <= keys
+    assert any(key.startswith("samples/") for key in keys)  # the sample grids, as images
+    assert max(int(row["trainer/global_step"]) for row in history if "trainer/global_step" in row) == 10
+    assert list((runs[0] / "files" / "media" / "images").glob("samples_*.png"))
+
+
+def test_the_job_returns_the_optimized_metric(compose_config):
+    from diffusion_lab.train import main
+
+    cfg = compose_config(FAST)
+    value = main.__wrapped__(cfg)
+    assert isinstance(value, float) and value > 0
+
+
+@pytest.mark.parametrize("experiment", ["quickstart", "mnist_ddpm", "cifar10_ddpm"])
+def test_fast_dev_run_over_every_experiment(experiment, compose_config, tmp_path):
+    from tests.helpers import write_cifar10, write_idx_dataset
+
+    overrides = [f"experiment={experiment}", "debug=fdr", "print_config=false", "callbacks.progress_bar=null"]
+    if experiment == "mnist_ddpm":
+        overrides += [f"data.root={write_idx_dataset(tmp_path / 'mnist')}", "data.download=false", "data.batch_size=8"]
+    if experiment == "cifar10_ddpm":
+        overrides += [f"data.root={write_cifar10(tmp_path / 'cifar').parent}", "data.batch_size=4"]
+    metrics = train(compose_config(overrides))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
+def test_mnist_trains_from_the_data_dir(compose_config, mnist_root):
+    overrides = [
+        "data=mnist",
+        "model=unet_tiny",
+        "debug=limit",
+        "print_config=false",
+        "data.download=false",
+        f"data.root={mnist_root}",
+        "data.batch_size=16",
+        "callbacks.progress_bar=null",
+        "lr_scheduler.warmup_steps=2",
+    ]
+    metrics = train(compose_config(overrides))
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+
+
+def test_ddp_on_two_cpu_processes_shares_one_run_directory(tmp_path):
+    run_dir = tmp_path / "outputs" / "ddp_run"
+    result = run_cli(
+        [
+            *FAST,
+            "trainer=ddp_cpu",
+            "data.batch_size=32",
+            f"paths.log_dir={tmp_path / 'outputs'}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["ddp_run"]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((run_dir / "samples").iterdir())) == 2
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 10
+
+
+def test_ddp_with_bf16_fast_dev_run(tmp_path):
+    result = run_cli(
+        [
+            "experiment=quickstart",
+            "model=unet_tiny",
+            "trainer=ddp_cpu",
+            "trainer.precision=bf16-mixed",
+            "debug=fdr",
+            "print_config=false",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_two_by_two_multirun_sweep(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        ["-m", "schedule=linear,cosine", "loss_weighting=uniform,min_snr", *FAST, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert jobs == ["0", "1", "2", "3"]
+    seen = set()
+    for job in jobs:
+        config = torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=False)["diffusion_lab_config"]
+        seen.add((config["schedule"]["beta_schedule"], config["loss_weighting"]["name"]))
+    assert seen == {("linear", "uniform"), ("linear", "min_snr"), ("cosine", "uniform"), ("cosine", "min_snr")}
+
+
+def test_sweep_through_the_submitit_launcher_returns_each_jobs_metric(tmp_path):
+    """The SLURM launcher's code path, with submitit's local executor standing in for the cluster."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher (dev extra)")
+    import pickle
+
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        [
+            "-m",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=10",
+            "schedule=linear,cosine",
+            *FAST,
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    returns = {}
+    for path in sweep.glob(".submitit/*/*_result.pkl"):
+        status, job = pickle.loads(path.read_bytes())
+        assert status == "success"
+        returns[job.overrides[0]] = job.return_value
+    assert set(returns) == {"schedule=linear", "schedule=cosine"}
+    assert all(isinstance(value, float) and value > 0 for value in returns.values())
+    assert (sweep / "0" / "checkpoints" / "last.ckpt").is_file() and (
+        sweep / "1" / "checkpoints" / "last.ckpt"
+    ).is_file()
