@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.configs import plain
 from diffusion_lab.diffusion import LossWeighting, NoiseSchedule, make_loss_weighting, make_schedule
-from diffusion_lab.diffusion.samplers import SAMPLERS
+from diffusion_lab.diffusion.samplers import SAMPLERS, check_sampler_settings
 from diffusion_lab.lit import DiffusionModule
 
 
@@ -39,14 +39,17 @@ def sampler_settings(sampler_cfg: DictConfig | dict) -> dict[str, Any]:
 def build_module(cfg: DictConfig, run_config: dict[str, Any] | None = None) -> DiffusionModule:
     """The DiffusionModule a run config describes (network, process, weighting, optimiser, sampler)."""
     lr_scheduler = instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None
+    schedule = build_schedule(cfg.schedule)
+    sampler = sampler_settings(cfg.sampler)
+    check_sampler_settings(schedule.num_train_timesteps, **sampler)
     return DiffusionModule(
         net=instantiate(cfg.model),
-        schedule=build_schedule(cfg.schedule),
+        schedule=schedule,
         prediction_type=plain(cfg.objective)["prediction_type"],
         loss_weighting=build_loss_weighting(cfg.loss_weighting),
         optimizer=instantiate(cfg.optimizer),
         lr_scheduler=lr_scheduler,
-        sampler=sampler_settings(cfg.sampler),
+        sampler=sampler,
         label_dropout=cfg.label_dropout,
         loss_buckets=cfg.loss_buckets,
         compile=cfg.compile,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
@@ -21,18 +20,17 @@ from omegaconf import DictConfig
 
 from diffusion_lab.build import build_module, storable_config
 from diffusion_lab.configs import register_configs
-from diffusion_lab.runs import config_errors, print_config_tree, report_user_errors, resolve_checkpoint
+from diffusion_lab.runs import (
+    config_errors,
+    instantiate_group,
+    print_config_tree,
+    report_user_errors,
+    resolve_checkpoint,
+)
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
 register_configs()
-
-
-def instantiate_group(group: DictConfig | None) -> list[Any]:
-    """Instantiate every entry of a dict-of-configs group (callbacks, loggers); null entries are skipped."""
-    if not group:
-        return []
-    return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

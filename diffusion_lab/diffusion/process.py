@@ -61,6 +61,10 @@ class GaussianDiffusion:
                 if posterior_variance.numel() > 1
                 else betas
             ),
+            # fixed_large's σ² = β_t, likewise with β̃_1 at t = 0 (Nichol & Dhariwal's convention for the NLL).
+            "fixed_large_log_variance": torch.log(
+                torch.cat([posterior_variance[1:2], betas[1:]]) if posterior_variance.numel() > 1 else betas
+            ),
         }
         self._device_tables: dict[torch.device, dict[str, torch.Tensor]] = {}
 
@@ -178,6 +182,13 @@ class GaussianDiffusion:
         if variance_type == "fixed_small":
             return mean, posterior_variance
         return mean, self.coefficient("betas", t, x_t).expand_as(x_t)
+
+    def p_log_variance(self, t: torch.Tensor, like: torch.Tensor, variance_type: str = "fixed_small") -> torch.Tensor:
+        """log σ_t² of p_θ(x_{t−1} | x_t), finite at t = 0 (β̃_1 stands in for β̃_0 = 0): what likelihoods use."""
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(f"Unknown variance_type {variance_type!r}; valid choices: {', '.join(VARIANCE_TYPES)}.")
+        name = "posterior_log_variance_clipped" if variance_type == "fixed_small" else "fixed_large_log_variance"
+        return self.coefficient(name, t, like)
 
 
 def clamp_x0(x0: torch.Tensor, clip_sample: bool | float) -> torch.Tensor:

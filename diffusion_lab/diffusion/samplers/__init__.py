@@ -34,6 +34,7 @@ __all__ = [
     "SAMPLERS",
     "TIMESTEP_SPACINGS",
     "TrajectoryStep",
+    "check_sampler_settings",
     "classifier_free_guidance",
     "sample",
     "sampler_timesteps",
@@ -54,6 +55,25 @@ def _check_options(sampler: str, eta: float, variance_type: str) -> None:
         raise ValueError(f"eta={eta} applies only to sampler='ddim', not {sampler!r}; leave eta=0.")
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"Unknown variance_type {variance_type!r}; valid choices: {', '.join(VARIANCE_TYPES)}.")
+
+
+def check_sampler_settings(
+    num_train_timesteps: int,
+    sampler: str = "ddim",
+    num_steps: int | None = None,
+    eta: float = 0.0,
+    timestep_spacing: str = "trailing",
+    variance_type: str = "fixed_small",
+    clip_sample: bool | float = False,
+) -> None:
+    """Raise the ValueError ``sample`` would, before any sampling starts."""
+    _check_options(sampler, eta, variance_type)
+    steps = (
+        num_steps
+        if num_steps is not None
+        else min(DEFAULT_NUM_STEPS[sampler] or num_train_timesteps, num_train_timesteps)
+    )
+    sampler_timesteps(sampler, num_train_timesteps, steps, timestep_spacing)
 
 
 def sample(
