@@ -10,7 +10,8 @@ from hydra.utils import instantiate
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from diffusion_lab.build import build_module, build_schedule
-from diffusion_lab.train import CONFIG_DIR, instantiate_group
+from diffusion_lab.runs import instantiate_group
+from diffusion_lab.train import CONFIG_DIR
 from tests.helpers import write_cifar10, write_idx_dataset, write_image_folder
 
 CONF = Path(CONFIG_DIR)
@@ -114,10 +115,12 @@ def test_every_logger_option_instantiates(option, compose_config):
 def test_every_callbacks_option_instantiates(option, compose_config):
     callbacks = instantiate_group(compose_config([f"callbacks={option}"]).get("callbacks"))
     names = {type(c).__name__ for c in callbacks}
-    if option == "default":
-        assert {"ModelCheckpoint", "DiffusionEMA", "SampleGrid", "LearningRateMonitor"} <= names
-    else:
-        assert names == set()
+    expected = {
+        "default": {"ModelCheckpoint", "DiffusionEMA", "SampleGrid", "LearningRateMonitor", "RichProgressBar"},
+        "fid": {"FIDCallback"},
+        "none": set(),
+    }[option]
+    assert expected <= names and (names or not expected)
 
 
 @pytest.mark.parametrize("option", options("experiment"))
@@ -167,3 +170,13 @@ def test_unknown_keys_and_options_fail_at_composition(compose_config):
     with pytest.raises(MissingConfigException) as missing:
         compose_config(["schedule=quadratic"])
     assert "quadratic" in str(missing.value) and "cosine" in str(missing.value)
+
+
+@pytest.mark.parametrize("job", ["sample", "evaluate"])
+def test_sample_and_evaluate_configs_compose(job, compose_config, tmp_path):
+    cfg = compose_config([f"ckpt_path={tmp_path / 'x.ckpt'}", "sampler=dpm_solver"], config_name=job)
+    assert cfg.sampler.sampler == "dpm_solver++" and cfg.seed == 0 and cfg.use_ema is True
+    assert cfg.output_dir == str(tmp_path / "run")
+    if job == "evaluate":
+        assert list(cfg.metrics) == ["fid", "kid"] and cfg.get("data") is None
+        assert instantiate(compose_config(["data=digits"], config_name="evaluate").data).name == "digits"

@@ -1,0 +1,149 @@
+"""FID, KID, Inception Score and precision/recall with torch-fidelity, against a cached reference set.
+
+All four use torch-fidelity's ``inception-v3-compat`` network (the TF FID Inception), so the numbers compare with
+the literature and one set of reference features serves every metric. Reference features are cached on disk
+under a name built from the dataset, split, resolution and size of the reference set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from diffusion_lab.errors import ConfigError, UserError
+
+FEATURE_EXTRACTOR = "inception-v3-compat"
+INCEPTION_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
+FIDELITY_METRICS = ("fid", "kid", "isc", "prc")
+RESULT_KEYS = {
+    "frechet_inception_distance": "fid",
+    "kernel_inception_distance_mean": "kid_mean",
+    "kernel_inception_distance_std": "kid_std",
+    "inception_score_mean": "isc_mean",
+    "inception_score_std": "isc_std",
+    "precision": "precision",
+    "recall": "recall",
+    "f_score": "f_score",
+}
+
+
+class InceptionWeightsError(UserError):
+    """The FID Inception weights can be neither found nor downloaded."""
+
+
+class Images(Dataset):
+    """uint8 (N, C, H, W) images as torch-fidelity reads them: one uint8 (3, H, W) tensor per item."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ConfigError(f"Images must be uint8 (N, 1 or 3, H, W), got {images.dtype} {tuple(images.shape)}.")
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self.images[index]
+        return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+
+
+class ReferenceImages(Images):
+    """The held-out real images (a separate class, so tests can tell its reads from the samples')."""
+
+
+def reference_cache_name(dataset: str, split: str, images: torch.Tensor) -> str:
+    channels, height, width = images.shape[1:]
+    slug = "".join(c if c.isalnum() else "_" for c in dataset.lower())
+    return f"diffusion_lab-{slug}-{split}-{channels}x{height}x{width}-n{images.shape[0]}"
+
+
+def resolve_inception_weights(configured: str | None, require_classifier: bool = False) -> str:
+    """A local path to the FID Inception weights: the configured file, torch hub's copy, or a fresh download.
+
+    The file is opened with ``weights_only=True`` first (torch-fidelity itself unpickles it without that guard).
+    ``require_classifier`` (for the Inception Score) refuses weights whose logits layer is missing or zero.
+    """
+    if configured:
+        path = Path(configured).expanduser()
+        if not path.is_file():
+            raise InceptionWeightsError(
+                f"eval.inception_weights={configured} does not exist; point it (or $DIFFUSION_LAB_INCEPTION_WEIGHTS) "
+                "at weights-inception-2015-12-05-6726825d.pth, or unset it to download the file."
+            )
+    else:
+        url = os.environ.get("DIFFUSION_LAB_INCEPTION_URL") or INCEPTION_URL  # a mirror, where GitHub is blocked
+        path = Path(torch.hub.get_dir()) / "checkpoints" / Path(INCEPTION_URL).name
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                torch.hub.download_url_to_file(url, str(path), progress=False)
+            except Exception as error:  # no network, proxy, HTTP error: all mean the same to the user
+                raise InceptionWeightsError(
+                    f"Could not download the FID Inception weights from {url} ({type(error).__name__}: "
+                    f"{error}). On a machine without network, copy that file here and set "
+                    "eval.inception_weights=/path/to/weights-inception-2015-12-05-6726825d.pth "
+                    "(or $DIFFUSION_LAB_INCEPTION_WEIGHTS)."
+                ) from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise InceptionWeightsError(f"{path} is not a loadable Inception state dict ({error}).") from None
+    if require_classifier and ("fc.weight" not in state or not bool(state["fc.weight"].abs().sum() > 0)):
+        raise ConfigError(
+            f"metrics include isc, but the Inception weights {path} have no classifier layer (fc weights absent or "
+            "zero), so an Inception Score would be meaningless; drop isc or use torch-fidelity's own weights."
+        )
+    return str(path)
+
+
+def fidelity_metrics(
+    samples: torch.Tensor,
+    reference: torch.Tensor,
+    metrics: list[str],
+    *,
+    reference_name: str,
+    weights_path: str,
+    cache_dir: str | Path,
+    batch_size: int = 64,
+    kid_subset_size: int = 1000,
+    prc_neighborhood: int = 3,
+    verbose: bool = False,
+) -> dict[str, float]:
+    """torch-fidelity's metrics of uint8 ``samples`` against uint8 ``reference`` (features of the reference are
+    cached in ``cache_dir`` under ``reference_name``)."""
+    import torch_fidelity
+
+    unknown = [m for m in metrics if m not in FIDELITY_METRICS]
+    if unknown:
+        raise ConfigError(f"Unknown metrics {unknown}; valid choices: {', '.join(FIDELITY_METRICS)}, nll.")
+    smallest = min(len(samples), len(reference))
+    if "kid" in metrics and smallest < 2:
+        raise ConfigError("KID needs at least 2 samples and 2 reference images.")
+    if "prc" in metrics and smallest <= prc_neighborhood:
+        raise ConfigError(f"Precision/recall needs more than prc_neighborhood={prc_neighborhood} images per set.")
+    os.makedirs(cache_dir, exist_ok=True)
+    result = torch_fidelity.calculate_metrics(
+        input1=Images(samples),
+        input2=ReferenceImages(reference),
+        input2_cache_name=reference_name,
+        cache_root=str(cache_dir),
+        cache=True,
+        cuda=torch.cuda.is_available(),
+        batch_size=batch_size,
+        feature_extractor=FEATURE_EXTRACTOR,
+        feature_extractor_weights_path=weights_path,
+        fid="fid" in metrics,
+        kid="kid" in metrics,
+        isc="isc" in metrics,
+        prc="prc" in metrics,
+        kid_subset_size=min(kid_subset_size, smallest),
+        prc_neighborhood=prc_neighborhood,
+        save_cpu_ram=True,
+        verbose=verbose,
+    )
+    return {RESULT_KEYS.get(key, key): float(value) for key, value in result.items()}

@@ -1,0 +1,201 @@
+"""python -m diffusion_lab.sample / evaluate: reproducible samples, real FID/KID with torch-fidelity, NLL."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusion_lab.evaluation import fidelity
+from tests.conftest import FAST, run_cli
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A briefly trained tiny model on the 8×8 digits (10 steps)."""
+    run = tmp_path_factory.mktemp("train") / "run"
+    result = run_cli([*FAST, f"hydra.run.dir={run}"], cwd=run.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture
+def inception_weights() -> str:
+    path = os.environ.get("DIFFUSION_LAB_INCEPTION_WEIGHTS")
+    if not path or not Path(path).is_file():
+        pytest.skip("DIFFUSION_LAB_INCEPTION_WEIGHTS is unset (CI points it at ../shared/weights/…)")
+    return path
+
+
+def sample_cli(checkpoint: Path, out: Path, *extra: str):
+    return run_cli(
+        [f"ckpt_path={checkpoint}", f"hydra.run.dir={out}", "sampler.num_steps=10", *extra],
+        cwd=out.parent,
+        module="diffusion_lab.sample",
+    )
+
+
+def test_sample_writes_npz_and_grid(checkpoint, tmp_path):
+    result = sample_cli(checkpoint, tmp_path / "s", "num_samples=12", "batch_size=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(tmp_path / "s" / "samples.npz") as archive:
+        images = archive["arr_0"]
+    assert images.shape == (12, 8, 8, 1) and images.dtype == np.uint8
+    assert len(np.unique(images.reshape(12, -1), axis=0)) == 12  # twelve different images
+    grid = Image.open(tmp_path / "s" / "grid.png")
+    assert grid.size == (3 * 34 + 2, 4 * 34 + 2)  # 12 tiles of 32 px, 3 per row
+
+
+def test_samples_do_not_depend_on_batch_size_or_devices(checkpoint, tmp_path):
+    runs = {
+        "one": ("batch_size=7",),
+        "other": ("batch_size=3",),
+        "ddp": ("batch_size=4", "accelerator=cpu", "devices=2"),
+    }
+    arrays = {}
+    for name, extra in runs.items():
+        result = sample_cli(checkpoint, tmp_path / name, "num_samples=10", "seed=3", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with np.load(tmp_path / name / "samples.npz") as archive:
+            arrays[name] = archive["arr_0"]
+    assert np.array_equal(arrays["one"], arrays["other"])
+    assert np.array_equal(arrays["one"], arrays["ddp"])
+    shifted = sample_cli(checkpoint, tmp_path / "shift", "num_samples=10", "seed=4")
+    assert shifted.returncode == 0
+    with np.load(tmp_path / "shift" / "samples.npz") as archive:
+        assert np.array_equal(archive["arr_0"][:9], arrays["one"][1:])  # sample i is seed + i
+
+
+def test_trajectory_figure_and_gif(checkpoint, tmp_path):
+    result = sample_cli(checkpoint, tmp_path / "t", "num_samples=4", "trajectory=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    figure = Image.open(tmp_path / "t" / "trajectory.png")
+    assert figure.size[0] > 600 and figure.size[1] > 600
+    gif = Image.open(tmp_path / "t" / "trajectory.gif")
+    assert gif.n_frames == 10  # one frame per step of the 10-step DDIM chain
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["guidance_scale=2.0"], "guidance_scale=2.0 needs class labels"),
+        (["class_label=3"], "class_label=3 needs a class-conditional model"),
+        (["num_samples=0"], "num_samples=0 and batch_size=64 must be >= 1"),
+        (["sampler.num_steps=5000"], "num_steps=5000 must be an integer between 1 and num_train_timesteps=1000"),
+        (["sampler.eta=-1"], r"eta=-1.0 must lie in \[0, 1\]"),
+    ],
+)
+def test_bad_sampling_requests_end_in_one_clear_line(checkpoint, tmp_path, extra, message):
+    import re
+
+    result = sample_cli(checkpoint, tmp_path / "bad", *extra)
+    assert result.returncode == 1
+    assert re.search(message, result.stderr), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_or_corrupt_checkpoint_is_a_clear_error(checkpoint, tmp_path):
+    missing = sample_cli(tmp_path / "nope.ckpt", tmp_path / "m")
+    assert missing.returncode == 1 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+    corrupt = tmp_path / "half.ckpt"
+    corrupt.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    result = sample_cli(corrupt, tmp_path / "c")
+    assert result.returncode == 1 and "truncated or corrupt" in result.stderr and "Traceback" not in result.stderr
+
+
+def evaluate_cli(out: Path, *args: str, env_extra=None):
+    return run_cli(
+        [f"hydra.run.dir={out}", *args], cwd=out.parent, module="diffusion_lab.evaluate", env_extra=env_extra
+    )
+
+
+def test_fid_and_kid_with_the_real_inception_and_a_cached_reference(
+    checkpoint, tmp_path, inception_weights, monkeypatch, compose_config
+):
+    cache = tmp_path / "cache"
+    first = evaluate_cli(
+        tmp_path / "e1", f"ckpt_path={checkpoint}", "num_samples=200", "sampler.num_steps=10", "metrics=[fid,kid]",
+        f"eval.cache_dir={cache}",
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads((tmp_path / "e1" / "metrics.json").read_text())
+    metrics, protocol = report["metrics"], report["protocol"]
+    assert metrics["fid"] > 0 and np.isfinite(metrics["fid"]) and np.isfinite(metrics["kid_mean"])
+    assert protocol["num_samples"] == 200 and protocol["num_reference"] == 180 and protocol["dataset"] == "digits"
+    assert protocol["nfe_per_sample"] == 10 and protocol["ema"] is True and protocol["global_step"] == 10
+    assert protocol["feature_extractor"] == "inception-v3-compat" and protocol["seed"] == 0
+    cached = sorted(p.name for p in cache.iterdir())
+    assert cached == [
+        "diffusion_lab-digits-val-1x8x8-n180-inception-v3-compat-features-2048.pt",
+        "diffusion_lab-digits-val-1x8x8-n180-inception-v3-compat-stat-fid-2048.pt",
+    ]
+    # Second time: the same samples from their npz; the reference must come from the cache, never re-read.
+    from diffusion_lab import evaluate
+
+    def no_reference_reads(self, index):
+        raise AssertionError("reference images were read again instead of using the cache")
+
+    monkeypatch.setattr(fidelity.ReferenceImages, "__getitem__", no_reference_reads)
+    overrides = [
+        f"samples={tmp_path / 'e1' / 'samples.npz'}",
+        "data=digits",
+        "metrics=[fid,kid]",
+        f"eval.cache_dir={cache}",
+    ]
+    cfg = compose_config(overrides, run_dir=tmp_path / "e2", config_name="evaluate")
+    second = evaluate.evaluate(cfg)
+    assert second["metrics"]["fid"] == pytest.approx(metrics["fid"], rel=1e-6)
+
+
+def test_inception_score_is_refused_with_weights_that_lack_a_classifier(checkpoint, tmp_path, inception_weights):
+    result = evaluate_cli(tmp_path / "e", f"ckpt_path={checkpoint}", "metrics=[isc]")
+    assert result.returncode == 1
+    assert "no classifier layer" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_no_weights_and_no_network_is_one_clear_error(checkpoint, tmp_path):
+    result = evaluate_cli(
+        tmp_path / "e", f"ckpt_path={checkpoint}", "metrics=[fid]", "eval.inception_weights=null",
+        env_extra={"TORCH_HOME": str(tmp_path / "torch_home"), "DIFFUSION_LAB_INCEPTION_URL": "http://127.0.0.1:9/weights.pth"},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Could not download the FID Inception weights" in result.stderr
+    assert "eval.inception_weights=" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_nll_is_finite_and_falls_with_training(tmp_path):
+    """A model with T = 100, scored on the same held-out digits before and after 150 steps of training."""
+    common = [*FAST, "schedule.num_train_timesteps=100", "lr_scheduler.warmup_steps=0"]
+    runs = {}
+    for name, steps in (("before", 1), ("after", 150)):
+        run = tmp_path / name
+        result = run_cli([*common, f"trainer.max_steps={steps}", f"hydra.run.dir={run}"], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        evaluation = evaluate_cli(
+            tmp_path / f"nll_{name}", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "metrics=[nll]",
+            "nll.num_batches=1", "nll.batch_size=64",
+        )  # fmt: skip
+        assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / f"nll_{name}" / "metrics.json").read_text())["metrics"]["nll_bpd"]
+    assert all(np.isfinite(value) for value in runs.values())
+    assert runs["after"] < runs["before"] - 0.5
+
+
+def test_fid_callback_logs_val_fid_during_training(compose_config, tmp_path, inception_weights):
+    from diffusion_lab.train import train
+
+    overrides = [
+        *FAST,
+        "callbacks=[default,fid]",
+        "callbacks.progress_bar=null",
+        "callbacks.model_summary=null",
+        "callbacks.fid.every_n_steps=10",
+        "callbacks.fid.num_samples=16",
+        "+callbacks.fid.sampler={num_steps: 5}",
+        f"callbacks.fid.cache_dir={tmp_path / 'cache'}",
+    ]
+    metrics = train(compose_config(overrides))
+    assert np.isfinite(metrics["val/fid"]) and metrics["val/fid"] > 0
+    assert any((tmp_path / "cache").glob("diffusion_lab-digits-val-*-stat-fid-2048.pt"))
