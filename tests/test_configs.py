@@ -116,7 +116,14 @@ def test_every_callbacks_option_instantiates(option, compose_config):
     callbacks = instantiate_group(compose_config([f"callbacks={option}"]).get("callbacks"))
     names = {type(c).__name__ for c in callbacks}
     expected = {
-        "default": {"ModelCheckpoint", "DiffusionEMA", "SampleGrid", "LearningRateMonitor", "RichProgressBar"},
+        "default": {
+            "RunCheckpoint",
+            "ModelCheckpoint",
+            "DiffusionEMA",
+            "SampleGrid",
+            "LearningRateMonitor",
+            "RichProgressBar",
+        },
         "fid": {"FIDCallback"},
         "none": set(),
     }[option]

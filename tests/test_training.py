@@ -34,6 +34,13 @@ def test_a_short_run_writes_checkpoints_grids_and_metrics(compose_config, tmp_pa
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)
 
 
+def test_last_checkpoint_holds_the_final_step_between_periodic_saves(compose_config, tmp_path):
+    train(compose_config([*FAST, "trainer.max_steps=8"]))  # saves every 5 steps; 8 is mid-epoch, no validation
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 8
+    assert torch.load(checkpoints / "step_0000005.ckpt", weights_only=True)["global_step"] == 5
+
+
 def test_validation_losses_are_reproducible(compose_config, tmp_path):
     first = train(compose_config(FAST, run_dir=tmp_path / "a"))
     second = train(compose_config(FAST, run_dir=tmp_path / "b"))

@@ -1,7 +1,8 @@
-"""Lightning callbacks: EMA with warm-up, sample grids, in-training FID."""
+"""Lightning callbacks: checkpoints, EMA with warm-up, sample grids, in-training FID."""
 
+from diffusion_lab.callbacks.checkpoint import RunCheckpoint
 from diffusion_lab.callbacks.ema import DiffusionEMA, find_ema
 from diffusion_lab.callbacks.fid import FIDCallback
 from diffusion_lab.callbacks.sample_grid import SampleGrid, save_grid
 
-__all__ = ["DiffusionEMA", "FIDCallback", "SampleGrid", "find_ema", "save_grid"]
+__all__ = ["DiffusionEMA", "FIDCallback", "RunCheckpoint", "SampleGrid", "find_ema", "save_grid"]
