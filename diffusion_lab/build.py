@@ -53,6 +53,7 @@ def build_module(cfg: DictConfig, run_config: dict[str, Any] | None = None) -> D
         label_dropout=cfg.label_dropout,
         loss_buckets=cfg.loss_buckets,
         compile=cfg.compile,
+        max_nonfinite_steps=cfg.get("max_nonfinite_steps", 10),
         config=run_config,
     )
 

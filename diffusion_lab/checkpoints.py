@@ -20,15 +20,18 @@ from diffusion_lab.errors import CheckpointError
 CONFIG_KEY = "diffusion_lab_config"
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's contents (on the CPU), or a CheckpointError saying why it cannot be used."""
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint's contents (on the CPU), or a CheckpointError saying why it cannot be used.
+
+    ``mmap=True`` maps the tensors instead of reading them: a cheap look at a large checkpoint's metadata.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise CheckpointError(
             f"Checkpoint {path} does not exist; pass ckpt_path=<run>/checkpoints/last.ckpt (or another .ckpt)."
         )
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         if "GLOBAL" in str(error) or "Unsupported global" in str(error):
             raise CheckpointError(

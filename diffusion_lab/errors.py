@@ -23,3 +23,7 @@ class UnreadableImageError(UserError, ValueError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint is missing, truncated, unsafe or not one of ours."""
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """Training produced NaN/Inf losses or gradients for too many steps in a row."""

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.errors import ConfigError, UserError
@@ -88,7 +89,8 @@ def resolve_checkpoint(ckpt_path: str | None, log_dir: Path, current_run_dir: Pa
 
 @contextmanager
 def config_errors() -> Iterator[None]:
-    """Inside: building objects from the config, where a ValueError means a bad value (the message names it)."""
+    """Inside: building objects from the config, where a ValueError (or Lightning's MisconfigurationException)
+    means a bad value, and its message names it."""
     try:
         yield
     except UserError:
@@ -99,7 +101,7 @@ def config_errors() -> Iterator[None]:
             cause = cause.__cause__
         if isinstance(cause, UserError):
             raise cause from None
-        if isinstance(cause, (ValueError, TypeError)):
+        if isinstance(cause, (ValueError, TypeError, MisconfigurationException)):
             raise ConfigError(str(cause)) from error
         raise
 

@@ -16,9 +16,10 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from diffusion_lab.build import build_module, storable_config
+from diffusion_lab.checkpoints import load_checkpoint
 from diffusion_lab.configs import register_configs
 from diffusion_lab.runs import (
     config_errors,
@@ -27,6 +28,7 @@ from diffusion_lab.runs import (
     report_user_errors,
     resolve_checkpoint,
 )
+from diffusion_lab.secrets import refuse_secrets
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
@@ -38,8 +40,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     send_lightning_logs_to_the_run_log()
     if cfg.get("print_config"):
         print_config_tree(cfg, Path(cfg.paths.output_dir) / "config_tree.log")
+    refuse_secrets(cfg, hydra_dir=Path(cfg.paths.output_dir) / ".hydra")
     L.seed_everything(cfg.seed, workers=True)
     with config_errors():
+        checkpoint = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.log_dir), Path(cfg.paths.output_dir))
+        if checkpoint is not None:
+            continue_logger_runs(cfg, load_checkpoint(checkpoint, mmap=True))
         datamodule = instantiate(cfg.data)
         module = build_module(cfg, run_config=storable_config(cfg))
         trainer: L.Trainer = instantiate(
@@ -47,14 +53,26 @@ def train(cfg: DictConfig) -> dict[str, float]:
             callbacks=instantiate_group(cfg.get("callbacks")),
             logger=instantiate_group(cfg.get("logger")) or False,
         )
-        checkpoint = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.log_dir), Path(cfg.paths.output_dir))
+    # Every rank draws its own timesteps and noise; the network was initialised identically above.
+    L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
     if checkpoint is not None:
         log_rank_zero(f"Resuming from {checkpoint}")
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+        # Our checkpoints hold only tensors and plain values, so resuming never unpickles code either.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
     finally:
         finish_wandb_runs(trainer)
     return {key: float(value) for key, value in trainer.callback_metrics.items()}
+
+
+def continue_logger_runs(cfg: DictConfig, checkpoint: dict) -> None:
+    """A resumed run logs to the W&B run it started (unless logger.wandb.id names another)."""
+    run_id = checkpoint.get("logger_run_ids", {}).get("wandb")
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if run_id and wandb_cfg is not None and not wandb_cfg.get("id"):
+        with open_dict(wandb_cfg):
+            wandb_cfg.id = run_id
+            wandb_cfg.resume = "allow"
 
 
 def send_lightning_logs_to_the_run_log() -> None:

@@ -74,6 +74,15 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, module: str = "diffu
     )
 
 
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A briefly trained tiny model on the 8×8 digits (10 steps), made once through the CLI."""
+    run = tmp_path_factory.mktemp("train") / "run"
+    result = run_cli([*FAST, f"hydra.run.dir={run}"], cwd=run.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run / "checkpoints" / "last.ckpt"
+
+
 @pytest.fixture
 def mnist_root() -> Path:
     root = os.environ.get("DIFFUSION_LAB_DATA_DIR")

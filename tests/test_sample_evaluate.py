@@ -12,15 +12,6 @@ from diffusion_lab.evaluation import fidelity
 from tests.conftest import FAST, run_cli
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A briefly trained tiny model on the 8×8 digits (10 steps)."""
-    run = tmp_path_factory.mktemp("train") / "run"
-    result = run_cli([*FAST, f"hydra.run.dir={run}"], cwd=run.parent)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run / "checkpoints" / "last.ckpt"
-
-
 @pytest.fixture
 def inception_weights() -> str:
     path = os.environ.get("DIFFUSION_LAB_INCEPTION_WEIGHTS")
@@ -90,8 +81,11 @@ def test_trajectory_figure_and_gif(checkpoint, tmp_path):
 def test_bad_sampling_requests_end_in_one_clear_line(checkpoint, tmp_path, extra, message):
     import re
 
+    earlier = tmp_path / "bad" / "samples.npz"  # results of an earlier run in the same folder stay as they were
+    earlier.parent.mkdir()
+    earlier.write_bytes(b"earlier samples")
     result = sample_cli(checkpoint, tmp_path / "bad", *extra)
-    assert result.returncode == 1
+    assert result.returncode == 1 and earlier.read_bytes() == b"earlier samples"
     assert re.search(message, result.stderr), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
 

@@ -52,6 +52,8 @@ class DiffusionEMA(EMAWeightAveraging):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ):
+        if getattr(pl_module, "last_step_skipped", False):
+            return  # the weights did not change (a non-finite step); the average should not count it
         self.current_decay = self.decay_at(trainer.global_step)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 

@@ -63,6 +63,8 @@ class InMemoryBatches:
         indices = self._indices()
         for batch in range(self._batches_done, len(self)):
             chosen = indices[batch * self.batch_size : (batch + 1) * self.batch_size]
+            # Lightning fetches a sized iterable's batches one at a time (no look-ahead), so when it saves a
+            # checkpoint after a step the batches handed out are exactly the batches trained on.
             self._batches_done = batch + 1
             yield self.images[chosen], (self.labels[chosen] if self.labels is not None else None)
         self._batches_done = 0

@@ -8,12 +8,15 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric
 
 from diffusion_lab.callbacks.ema import find_ema
 from diffusion_lab.diffusion import GaussianDiffusion, LossWeighting, NoiseSchedule, classifier_free_guidance
 from diffusion_lab.diffusion.samplers import TrajectoryStep, sample
+from diffusion_lab.lit.nonfinite import NonFiniteGuard, all_finite
+from diffusion_lab.lit.rng import capture_rng_state, restore_rng_state
 
 SAMPLER_DEFAULTS: dict[str, Any] = {
     "sampler": "ddim",
@@ -41,6 +44,7 @@ class DiffusionModule(L.LightningModule):
         loss_buckets: how many equal ranges of t the per-timestep loss is logged in (``train/loss_t{k}``).
         val_seed: seeds t and ε of validation batch i, so validation losses are comparable across epochs.
         compile: ``torch.compile`` the network.
+        max_nonfinite_steps: NaN/Inf losses or gradients in a row that are skipped before training stops.
         config: the resolved run configuration, stored in every checkpoint so sampling and evaluation can
             rebuild the module from the checkpoint alone.
     """
@@ -58,6 +62,7 @@ class DiffusionModule(L.LightningModule):
         loss_buckets: int = 10,
         val_seed: int = 1234,
         compile: bool = False,
+        max_nonfinite_steps: int = 10,
         config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -74,7 +79,12 @@ class DiffusionModule(L.LightningModule):
         self.label_dropout = label_dropout
         self.val_seed = val_seed
         self.config = config
-        self.bucket_losses = nn.ModuleList(MeanMetric() for _ in range(loss_buckets))
+        self.bucket_losses = nn.ModuleList(MeanMetric(nan_strategy="ignore") for _ in range(loss_buckets))
+        for metric in self.bucket_losses:
+            metric.persistent(True)  # a resumed run continues the running means it was logging
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.last_step_skipped = False
+        self._loss_is_finite: torch.Tensor | None = None
         if compile:
             self.net.compile()
 
@@ -133,9 +143,30 @@ class DiffusionModule(L.LightningModule):
         noise = torch.randn_like(x0)
         losses = self.per_sample_loss(self.net, x0, self._labels_for(labels, drop=True), t, noise)
         loss = losses.mean()
+        self._loss_is_finite = loss.detach().isfinite()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
         self._update_bucket_losses(losses.detach(), t)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop this step's update when the loss or a gradient is NaN/Inf on any rank (see ``NonFiniteGuard``)."""
+        loss_is_finite = self._loss_is_finite if self._loss_is_finite is not None else torch.tensor(True)
+        finite = bool(all_finite(loss_is_finite.to(self.device), self.parameters()))
+        finite = not self.trainer.strategy.reduce_boolean_decision(not finite, all=False)
+        self.last_step_skipped = self.nonfinite.record(self.global_step, finite, self._last_checkpoint_path())
+        if self.last_step_skipped:
+            # Optimisers skip parameters without a gradient: no update, no moment or step-count change.
+            for parameter in self.parameters():
+                parameter.grad = None
+            rank_zero_warn(
+                f"step {self.global_step}: non-finite loss or gradient, update skipped "
+                f"({self.nonfinite.in_a_row} in a row of {self.nonfinite.patience} allowed)."
+            )
+        self.log("train/skipped_steps", float(self.nonfinite.total_skipped), on_step=True, on_epoch=False)
+
+    def _last_checkpoint_path(self) -> str | None:
+        paths = [getattr(callback, "last_model_path", "") for callback in self.trainer.checkpoint_callbacks]
+        return next((path for path in paths if path), None)
 
     def _update_bucket_losses(self, losses: torch.Tensor, t: torch.Tensor) -> None:
         """Per-bucket running means (synced across ranks), logged every ``log_every_n_steps`` steps."""
@@ -254,3 +285,32 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.config is not None:
             checkpoint["diffusion_lab_config"] = self.config
+        checkpoint["nonfinite_steps"] = self.nonfinite.state_dict()
+        checkpoint["rng_states"] = self._rng_states_of_every_rank()
+        checkpoint["logger_run_ids"] = logger_run_ids(self._trainer)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "nonfinite_steps" in checkpoint:
+            self.nonfinite.load_state_dict(checkpoint["nonfinite_steps"])
+        states = checkpoint.get("rng_states")
+        if states:
+            restore_rng_state(states[self.global_rank % len(states)])
+
+    def _rng_states_of_every_rank(self) -> list[dict[str, Any]]:
+        """Every rank's generators (each draws its own timesteps and noise); all ranks call this together."""
+        state = capture_rng_state()
+        if self._trainer is None or self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return [state]
+        gathered: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, state)
+        return gathered
+
+
+def logger_run_ids(trainer: L.Trainer | None) -> dict[str, str]:
+    """The W&B run id, so a resumed run continues the same dashboard run."""
+    if trainer is None:
+        return {}
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger" and logger.version is not None:
+            return {"wandb": str(logger.version)}
+    return {}
