@@ -71,7 +71,7 @@ LAYOUTS = {
             "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
             "dropout": 0.1,
         },
-        "lucidrains": {"dim": 112, "dim_mults": (1, 2, 2, 2), "dropout": 0.1},
+        "lucidrains": {"dim": 144, "dim_mults": (1, 2, 2, 2), "dropout": 0.1},
     },
 }
 
@@ -102,6 +102,12 @@ def build(name: str, layout: dict, args: argparse.Namespace) -> Contender:
 
     model = Unet(channels=channels, **layout["lucidrains"])
     return _finish(Contender(name, model, lambda x, t: model(x, t)), args)
+
+
+def parameter_mismatches(contenders: list[Contender]) -> list[str]:
+    """Names of the peers whose parameter count is not within ±10 % of ours (the first contender)."""
+    ours = count_parameters(contenders[0].model)
+    return [c.name for c in contenders[1:] if not 0.9 <= count_parameters(c.model) / ours <= 1.1]
 
 
 def _finish(contender: Contender, args: argparse.Namespace) -> Contender:
@@ -202,18 +208,28 @@ def print_breakdown(breakdowns: dict[str, dict[str, float]]) -> None:
         print(f"{category:<14}" + "".join(f"{cell:>20}" for cell in cells))
 
 
-def dense_matmul_rate(device: str, precision: str, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a square matmul in the benchmark's precision: the ceiling that model-FLOPs utilisation
-    is read against where no vendor peak is listed (CPUs)."""
+def dense_matmul_rate(device: str, precision: str, size: int = 2048, budget_s: float = 1.0) -> tuple[float, int]:
+    """FLOP/s of a square matmul in the benchmark's precision, and its size: the ceiling that model-FLOPs
+    utilisation is read against where no vendor peak is listed (CPUs). The size halves while one product
+    takes longer than the budget (bf16 on a CPU without bf16 instructions runs at ~1 GFLOP/s)."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    a @ a
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
+    while True:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        synchronize(device)
+        start = time.perf_counter()
         a @ a
-    synchronize(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - start)
+        synchronize(device)
+        if time.perf_counter() - start <= budget_s or size <= 256:
+            break
+        size //= 2
+    per_sync = 1 if torch.device(device).type == "cpu" else 20  # keep host syncs off a GPU's clock
+    repeats, start = 0, time.perf_counter()
+    while repeats < 3 or time.perf_counter() - start < budget_s:
+        for _ in range(per_sync):
+            a @ a
+        synchronize(device)
+        repeats += per_sync
+    return 2 * size**3 * repeats / (time.perf_counter() - start), size
 
 
 def measure_peak_memory(name: str, args: argparse.Namespace) -> float:
@@ -295,9 +311,13 @@ def main() -> None:
     )
     for contender in contenders:
         params = count_parameters(contender.model)
-        ratio = params / ours_params
-        flag = "" if 0.9 <= ratio <= 1.1 else "  <-- outside ±10 %"
-        print(f"  {contender.name:<11} {params / 1e6:7.3f} M parameters ({ratio:5.1%} of ours){flag}")
+        print(f"  {contender.name:<11} {params / 1e6:7.3f} M parameters ({params / ours_params:5.1%} of ours)")
+    mismatched = parameter_mismatches(contenders)
+    if mismatched:
+        sys.exit(
+            f"Error: {', '.join(mismatched)} not within ±10 % of our parameter count in layout {args.layout!r}; "
+            "a throughput ratio between models of different sizes means nothing. Adjust LAYOUTS in this script."
+        )
 
     flops = {c.name: training_flops(c, args, layout) for c in contenders}
     steps = {c.name: make_step(c, args, layout) for c in contenders}
@@ -324,18 +344,19 @@ def main() -> None:
         peak = next((v[args.precision] for k, v in PEAK_TFLOPS.items() if k in gpu), None)
         peak_source = f"{gpu}'s dense {args.precision} peak, {peak:.0f} TFLOP/s" if peak else ""
     if peak is None:
-        peak = dense_matmul_rate(args.device, args.precision) / 1e12
-        peak_source = f"a {args.precision} 2048² matmul measured here, {peak * 1e3:.0f} GFLOP/s"
+        rate, size = dense_matmul_rate(args.device, args.precision)
+        peak = rate / 1e12
+        peak_source = f"a {args.precision} {size}² matmul measured here, {peak * 1e3:.3g} GFLOP/s"
     print(
         f"\n{'model':<11} {'images/s':>9} {'spread':>8} {'ms/step':>8} {'GFLOP/step':>11} {'TFLOP/s':>8}"
-        f"{' MFU':>6} {'peak MiB':>9} {'ours/this':>10}"
+        f" {'MFU':>7} {'peak MiB':>9} {'ours/this':>10}"
     )
     for name in steps:
         step_time = statistics.median(seconds[name])
         rate = args.batch_size / step_time
         spread = (max(seconds[name]) - min(seconds[name])) / step_time
         achieved = flops[name] / step_time / 1e12
-        mfu = f"{achieved / peak:6.1%}"
+        mfu = f"{achieved / peak:7.1%}"
         mem = f"{memory[name]:9.0f}" if name in memory else "        -"
         results[name] = {
             "images_per_s": rate,
@@ -348,7 +369,7 @@ def main() -> None:
         }
         print(
             f"{name:<11} {rate:9.1f} {spread:8.1%} {step_time * 1e3:8.1f} {flops[name] / 1e9:11.1f} {achieved:8.3f}"
-            f"{mfu} {mem} {ours_rate / rate:10.2f}x"
+            f" {mfu} {mem} {ours_rate / rate:10.2f}x"
         )
     print(f"MFU is against {peak_source}.")
     peers = [n for n in steps if n != args.models[0]]

@@ -1,6 +1,8 @@
 """The throughput benchmark runs end to end and reports consistent figures (peers need the bench extra, so
 this runs ours alone, at a tiny batch)."""
 
+import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -49,3 +51,33 @@ def test_profile_says_where_the_time_goes(report):
     }
     assert all(breakdown[k] > 0 for k in ("conv forward", "conv backward", "attention", "normalisation"))
     assert "where one step's time goes" in stdout
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("unet_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("layout", ["mnist", "cifar10"])
+def test_peers_match_our_parameter_count(layout):
+    """A throughput ratio is only fair between models of about the same size: every layout's peers are
+    within ±10 % of ours (lucidrains' package is in the bench extra only, so it joins when installed)."""
+    bench = _load_benchmark()
+    names = ["ours", "diffusers"]
+    if importlib.util.find_spec("denoising_diffusion_pytorch"):
+        names.append("lucidrains")
+    args = argparse.Namespace(device="cpu", channels_last=True, compile=False)
+    contenders = [bench.build(name, bench.LAYOUTS[layout], args) for name in names]
+    assert bench.parameter_mismatches(contenders) == []
+
+
+def test_a_peer_of_another_size_is_named():
+    bench = _load_benchmark()
+    args = argparse.Namespace(device="cpu", channels_last=True, compile=False)
+    ours = bench.build("ours", bench.LAYOUTS["mnist"], args)
+    bigger = bench.build("ours", bench.LAYOUTS["cifar10"], args)
+    bigger.name = "cifar-sized"
+    assert bench.parameter_mismatches([ours, bigger]) == ["cifar-sized"]
