@@ -53,7 +53,12 @@ def test_profile_says_where_the_time_goes(report):
     assert "where one step's time goes" in stdout
 
 
-def _load_benchmark():
+CPU_ARGS = argparse.Namespace(device="cpu", channels_last=True, compile=False)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The benchmark script, loaded once from its path (it is not a package module)."""
     spec = importlib.util.spec_from_file_location("unet_throughput", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -62,22 +67,18 @@ def _load_benchmark():
 
 
 @pytest.mark.parametrize("layout", ["mnist", "cifar10"])
-def test_peers_match_our_parameter_count(layout):
+def test_peers_match_our_parameter_count(bench, layout):
     """A throughput ratio is only fair between models of about the same size: every layout's peers are
     within ±10 % of ours (lucidrains' package is in the bench extra only, so it joins when installed)."""
-    bench = _load_benchmark()
     names = ["ours", "diffusers"]
     if importlib.util.find_spec("denoising_diffusion_pytorch"):
         names.append("lucidrains")
-    args = argparse.Namespace(device="cpu", channels_last=True, compile=False)
-    contenders = [bench.build(name, bench.LAYOUTS[layout], args) for name in names]
+    contenders = [bench.build(name, bench.LAYOUTS[layout], CPU_ARGS) for name in names]
     assert bench.parameter_mismatches(contenders) == []
 
 
-def test_a_peer_of_another_size_is_named():
-    bench = _load_benchmark()
-    args = argparse.Namespace(device="cpu", channels_last=True, compile=False)
-    ours = bench.build("ours", bench.LAYOUTS["mnist"], args)
-    bigger = bench.build("ours", bench.LAYOUTS["cifar10"], args)
+def test_a_peer_of_another_size_is_named(bench):
+    ours = bench.build("ours", bench.LAYOUTS["mnist"], CPU_ARGS)
+    bigger = bench.build("ours", bench.LAYOUTS["cifar10"], CPU_ARGS)
     bigger.name = "cifar-sized"
     assert bench.parameter_mismatches([ours, bigger]) == ["cifar-sized"]
