@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffusion_lab.models.winograd import Conv3x3
+
 
 def group_norm(channels: int, max_groups: int = 32, min_group_channels: int = 4) -> nn.GroupNorm:
     """GroupNorm with the most groups (≤ ``max_groups``) that divide ``channels`` into groups of at least
@@ -39,15 +41,16 @@ class ResBlock(nn.Module):
         dropout: float = 0.0,
         scale_shift: bool = False,
         norm_groups: int = 32,
+        winograd: bool = True,
     ) -> None:
         super().__init__()
         self.scale_shift = scale_shift
         self.norm1 = group_norm(in_channels, norm_groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv3x3(in_channels, out_channels, winograd)
         self.embed = nn.Linear(embed_dim, out_channels * (2 if scale_shift else 1))
         self.norm2 = group_norm(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = zero_init(nn.Conv2d(out_channels, out_channels, 3, padding=1))
+        self.conv2 = zero_init(Conv3x3(out_channels, out_channels, winograd))
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,8 @@ class UNet(nn.Module):
         scale_shift: inject the time embedding as a GroupNorm scale and shift instead of adding it.
         channels_last: keep activations in NHWC memory order (faster convolutions on CPUs and tensor cores).
         gradient_checkpointing: recompute block activations in the backward pass to save memory.
+        winograd: let wide residual-block convolutions take the Winograd weight gradient in float32 CPU
+            training (see ``diffusion_lab.models.winograd``); False keeps the stock kernels everywhere.
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class UNet(nn.Module):
         norm_groups: int = 32,
         channels_last: bool = True,
         gradient_checkpointing: bool = False,
+        winograd: bool = True,
     ) -> None:
         super().__init__()
         channel_mult = tuple(channel_mult)
@@ -69,7 +72,7 @@ class UNet(nn.Module):
             return AttentionBlock(channels, heads, norm_groups)
 
         def resblock(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, embed_dim, dropout, scale_shift, norm_groups)
+            return ResBlock(cin, cout, embed_dim, dropout, scale_shift, norm_groups, winograd)
 
         self.input_conv = nn.Conv2d(in_channels, model_channels, 3, padding=1)
         self.down = nn.ModuleList()
