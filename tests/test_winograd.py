@@ -76,11 +76,13 @@ def test_wide_conv_takes_winograd_and_matches_conv2d():
 
 
 @pytest.mark.parametrize(
-    "situation", ["narrow layer", "switched off", "no grad", "frozen weight", "float64", "autocast", "stock_kernels"]
+    "situation",
+    ["narrow layer", "small map", "switched off", "no grad", "frozen weight", "float64", "autocast", "stock_kernels"],
 )
 def test_stock_kernels_where_winograd_does_not_pay_or_apply(situation):
     conv = Conv3x3(32, 32) if situation == "narrow layer" else Conv3x3(128, 64, winograd=situation != "switched off")
-    x = torch.randn(1, conv.in_channels, 4, 4, dtype=torch.float64 if situation == "float64" else torch.float32)
+    size = 4 if situation == "small map" else 8
+    x = torch.randn(1, conv.in_channels, size, size, dtype=torch.float64 if situation == "float64" else torch.float32)
     if situation == "float64":
         conv.double()
     if situation == "frozen weight":
@@ -116,13 +118,15 @@ def test_checkpoints_are_interchangeable_with_conv2d():
 def test_unet_training_gradients_match_the_stock_kernels():
     """A U-Net wide enough for the Winograd path: every parameter's gradient equals the stock one."""
     torch.manual_seed(0)
-    model = UNet(8, 1, 64, (1, 2), 1, attention_resolutions=(4,))
+    model = UNet(16, 1, 64, (1, 2), 1, attention_resolutions=(8,))
     for parameter in model.parameters():  # DDPM's zero-initialised layers would hide weight gradients
         if torch.all(parameter == 0):
             torch.nn.init.normal_(parameter, std=0.05)
-    used = [m for m in model.modules() if isinstance(m, Conv3x3) and m.winograd]
-    assert used, "the 128-channel level should take the Winograd path"
-    x, t = torch.randn(4, 1, 8, 8), torch.randint(0, 1000, (4,))
+    paths = []
+    for layer in model.modules():
+        if isinstance(layer, Conv3x3):
+            layer.register_forward_hook(lambda _, __, out: paths.append(type(out.grad_fn).__name__))
+    x, t = torch.randn(4, 1, 16, 16), torch.randint(0, 1000, (4,))
 
     def gradients() -> dict[str, torch.Tensor]:
         model.zero_grad(set_to_none=True)
@@ -130,8 +134,21 @@ def test_unet_training_gradients_match_the_stock_kernels():
         return {name: p.grad.clone() for name, p in model.named_parameters()}
 
     winograd = gradients()
+    assert set(paths) == {"_WinogradWeightGradConvBackward"}  # every residual conv: 64+ channels, 8×8+ maps
     with stock_kernels(model):
         stock = gradients()
+    assert paths.count("ConvolutionBackward0") == len(paths) // 2
     for name, grad in stock.items():
         scale = grad.abs().max().item()
         torch.testing.assert_close(winograd[name], grad, rtol=0, atol=2e-5 * scale, msg=name)
+
+
+def test_batch_chunks_add_up_to_the_whole_batch(monkeypatch):
+    """The batch is processed in cache-sized chunks; one sample per chunk gives the one-pass result."""
+    torch.manual_seed(0)
+    x, grad_out = torch.randn(5, 8, 12, 8), torch.randn(5, 6, 12, 8)
+    whole = winograd_weight_grad(x, grad_out)
+    monkeypatch.setattr("diffusion_lab.models.winograd.CHUNK_BYTES", 1)
+    torch.testing.assert_close(winograd_weight_grad(x, grad_out), whole, rtol=0, atol=1e-5 * whole.abs().max().item())
+    reference = stock_weight_grad(x.double(), grad_out.double(), 6)
+    assert (winograd_weight_grad(x, grad_out).double() - reference).abs().max() / reference.abs().max() < 2e-5
