@@ -90,3 +90,26 @@ def test_a_peer_of_another_size_is_named(bench):
     bigger = bench.build("ours", bench.LAYOUTS["cifar10"], CPU_ARGS)
     bigger.name = "cifar-sized"
     assert bench.parameter_mismatches([ours, bigger]) == ["cifar-sized"]
+
+
+def test_winograd_layer_benchmark_covers_every_wide_convolution():
+    """benchmarks/winograd_weight_grad.py times the weight gradient of each wide residual conv the U-Net runs."""
+    script = SCRIPT.with_name("winograd_weight_grad.py")
+    command = [sys.executable, str(script), "--batch-size", "2", "--image-size", "16", "--repeats", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if "² " in line]
+    shapes = {(row[0], row[2]): int(row[3]) for row in rows}
+    # At 16×16 the 6.5 M layout has levels of 16² (64 channels), 8² (128) and 4² (too small): four convs
+    # down and three second convs up at 16², the up blocks' first convs reading the skips (192 then 128
+    # channels in), the 8² level's convs the same way, and the 4² level and the middle on the stock kernels.
+    assert shapes == {
+        ("64→64", "16²"): 7,
+        ("192→64", "16²"): 1,
+        ("128→64", "16²"): 2,
+        ("64→128", "8²"): 1,
+        ("128→128", "8²"): 6,
+        ("256→128", "8²"): 2,
+        ("192→128", "8²"): 1,
+    }, result.stdout
+    assert "per training step: oneDNN" in result.stdout

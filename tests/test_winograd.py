@@ -10,8 +10,27 @@ from diffusion_lab.models.winograd import (
     Conv3x3,
     _WinogradWeightGradConv,
     stock_kernels,
+    winograd_pays,
     winograd_weight_grad,
 )
+
+
+@pytest.fixture(autouse=True)
+def winograd_on_any_cpu(monkeypatch):
+    """The path is taken on AVX2 CPUs only; these tests check its numbers and routing on whatever CPU runs them."""
+    monkeypatch.setattr("diffusion_lab.models.winograd.CPU_WINOGRAD", True)
+
+
+def test_taken_on_avx2_cpus_only():
+    assert winograd_pays("AVX2")
+    # oneDNN's AVX-512 weight gradient outruns it (0.6–1.0× on a 2-core Xeon); unmeasured sets keep the stock one.
+    assert not any(winograd_pays(c) for c in ("AVX512", "DEFAULT", "NO AVX", "ZVECTOR", "SVE256"))
+
+
+def test_stock_kernels_where_the_cpu_does_not_pay(monkeypatch):
+    monkeypatch.setattr("diffusion_lab.models.winograd.CPU_WINOGRAD", False)
+    out = Conv3x3(128, 64)(torch.randn(1, 128, 8, 8))
+    assert type(out.grad_fn).__name__ == "ConvolutionBackward0"
 
 
 def stock_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, out_channels: int) -> torch.Tensor:

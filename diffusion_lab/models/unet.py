@@ -28,8 +28,9 @@ class UNet(nn.Module):
         scale_shift: inject the time embedding as a GroupNorm scale and shift instead of adding it.
         channels_last: keep activations in NHWC memory order (faster convolutions on CPUs and tensor cores).
         gradient_checkpointing: recompute block activations in the backward pass to save memory.
-        winograd: let wide residual-block convolutions take the Winograd weight gradient in float32 CPU
-            training (see ``diffusion_lab.models.winograd``); False keeps the stock kernels everywhere.
+        winograd: let wide residual-block convolutions take the Winograd weight gradient in float32 training
+            on AVX2 CPUs, where it is faster (see ``diffusion_lab.models.winograd``); False keeps the stock
+            kernels everywhere.
     """
 
     def __init__(

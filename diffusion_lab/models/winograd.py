@@ -1,6 +1,6 @@
-"""A 3×3 convolution whose weight gradient is computed with Winograd's minimal filtering on CPUs.
+"""A 3×3 convolution whose weight gradient is computed with Winograd's minimal filtering on AVX2 CPUs.
 
-Profiling the U-Net's training step on a CPU shows the weight gradient of the 3×3 convolutions as the
+Profiling the U-Net's training step on an AVX2 CPU shows the weight gradient of the 3×3 convolutions as the
 slowest kernel of all (oneDNN runs it at roughly two thirds of the forward convolution's rate). That gradient
 correlates each input tile with the output gradient, so Winograd's F(3×3, 4×4) algorithm (Lavin & Gray,
 2016, with the roles of filter and output swapped) computes it with 36 instead of 144 multiplications per
@@ -10,6 +10,11 @@ transforms cost memory traffic proportional to the channel count while the produ
 pays only for layers of 64 channels and more, and only while the transformed planes stay in cache, hence
 the chunks; narrow layers, GPUs, autocast and compilation keep the stock kernels. Its rounding error is that
 of the stock kernel (≈1e-5 of the largest tap in float32).
+
+Whether it pays depends on the instruction set oneDNN picks. Its AVX2 weight-gradient kernel is the slow one
+(50–57 GFLOP/s on a 2-core EPYC, where this path is 1.5–2× faster and the training step 1.13×), while its
+AVX-512 kernel runs at 190–300 GFLOP/s on a 2-core Xeon, where this path is 0.6–1.0× as fast. So it is taken
+on AVX2 CPUs only; ``benchmarks/winograd_weight_grad.py`` measures both kernels layer by layer on any CPU.
 """
 
 from __future__ import annotations
@@ -41,6 +46,17 @@ MIN_WINOGRAD_SIZE = 8
 # the transformed planes are still in cache when the matrix products read them (at 32×32 and 64 channels,
 # 4 MiB chunks run 1.5× faster than one pass over the whole batch).
 CHUNK_BYTES = 4 * 2**20
+
+
+def winograd_pays(cpu_capability: str) -> bool:
+    """Whether the Winograd weight gradient beats oneDNN's on a CPU of this ATen capability
+    (``torch.backends.cpu.get_cpu_capability()``): measured faster on AVX2, slower on AVX-512; other
+    instruction sets (ARM, no vector unit) are unmeasured and keep the stock kernel."""
+    return cpu_capability == "AVX2"
+
+
+# Decided once per process; tests set it to exercise the path on any CPU.
+CPU_WINOGRAD = winograd_pays(torch.backends.cpu.get_cpu_capability())
 
 
 def winograd_weight_grad(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -165,8 +181,8 @@ class _WinogradWeightGradConv(torch.autograd.Function):
 
 class Conv3x3(nn.Conv2d):
     """A 3×3, stride-1, 'same' convolution that takes the Winograd weight gradient where it is faster:
-    float32 training on a CPU, maps of at least ``MIN_WINOGRAD_SIZE`` pixels a side and in·out/(in+out) ≥
-    ``MIN_WINOGRAD_CHANNELS``.
+    float32 training on an AVX2 CPU (``CPU_WINOGRAD``), maps of at least ``MIN_WINOGRAD_SIZE`` pixels a side
+    and in·out/(in+out) ≥ ``MIN_WINOGRAD_CHANNELS``.
     Parameters and state-dict keys are those of ``nn.Conv2d``; ``winograd=False`` keeps the stock kernels."""
 
     def __init__(self, in_channels: int, out_channels: int, winograd: bool = True) -> None:
@@ -181,7 +197,8 @@ class Conv3x3(nn.Conv2d):
 
 def _winograd_applies(x: torch.Tensor) -> bool:
     return (
-        torch.is_grad_enabled()
+        CPU_WINOGRAD
+        and torch.is_grad_enabled()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and min(x.shape[-2:]) >= MIN_WINOGRAD_SIZE
