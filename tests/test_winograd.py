@@ -23,7 +23,7 @@ def winograd_on_any_cpu(monkeypatch):
 
 def test_taken_on_avx2_cpus_only():
     assert winograd_pays("AVX2")
-    # oneDNN's AVX-512 weight gradient outruns it (0.6–1.0× on a 2-core Xeon); unmeasured sets keep the stock one.
+    # oneDNN's AVX-512 weight gradient outruns it (0.4–1.0× on a 2-core Xeon); unmeasured sets keep the stock one.
     assert not any(winograd_pays(c) for c in ("AVX512", "DEFAULT", "NO AVX", "ZVECTOR", "SVE256"))
 
 

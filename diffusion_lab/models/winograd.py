@@ -13,7 +13,7 @@ of the stock kernel (≈1e-5 of the largest tap in float32).
 
 Whether it pays depends on the instruction set oneDNN picks. Its AVX2 weight-gradient kernel is the slow one
 (50–57 GFLOP/s on a 2-core EPYC, where this path is 1.5–2× faster and the training step 1.13×), while its
-AVX-512 kernel runs at 190–300 GFLOP/s on a 2-core Xeon, where this path is 0.6–1.0× as fast. So it is taken
+AVX-512 kernel runs at 200–300 GFLOP/s on a 2-core Xeon, where this path is 0.4–1.0× as fast. So it is taken
 on AVX2 CPUs only; ``benchmarks/winograd_weight_grad.py`` measures both kernels layer by layer on any CPU.
 """
 
