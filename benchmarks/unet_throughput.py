@@ -84,6 +84,13 @@ class Contender:
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def winograd_active(device: str) -> bool:
+    """Whether our U-Net takes the Winograd weight-gradient path here (CPU, and only where it pays: AVX2)."""
+    from diffusion_lab.models import winograd
+
+    return device == "cpu" and winograd.CPU_WINOGRAD
+
+
 def build(name: str, layout: dict, args: argparse.Namespace) -> Contender:
     size, channels = layout["image_size"], layout["channels"]
     if name in ("ours", "ours-stock"):
@@ -320,6 +327,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     layout = LAYOUTS[args.layout]
+    if "ours-stock" in args.models and not winograd_active(args.device):
+        # Off this path ours-stock would run exactly ours' code and "compare" it with itself.
+        print("ours-stock left out: the Winograd weight gradient is off on this device/CPU, so it would be ours")
+        args.models = [name for name in args.models if name != "ours-stock"]
     contenders = [build(name, layout, args) for name in args.models]
     ours_params = count_parameters(contenders[0].model)
     print(

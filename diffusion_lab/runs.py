@@ -63,27 +63,52 @@ def print_config_tree(cfg: DictConfig, save_to: Path | None = None) -> None:
             Console(file=handle, width=120).print(tree)
 
 
-def resolve_checkpoint(ckpt_path: str | None, log_dir: Path, current_run_dir: Path) -> str | None:
-    """``None`` → no resume; ``"last"`` → the newest ``checkpoints/last.ckpt`` of an earlier run under ``log_dir``;
-    anything else → that file, which must exist."""
+def resolve_checkpoint(
+    ckpt_path: str | None,
+    log_dir: Path,
+    current_run_dir: Path,
+    announce: Callable[[str], None] | None = None,
+    fresh_start_allowed: bool = False,
+) -> str | None:
+    """The checkpoint to resume or load.
+
+    ``None`` → none; ``"last"`` → this run folder's ``checkpoints/last.ckpt`` when it has one (a fixed
+    ``hydra.run.dir``), else the newest one of an earlier run under ``log_dir``; ``"auto"`` → this run folder's
+    ``last.ckpt`` when it has one, else none (a fresh start: the form for SLURM requeues, whose first launch must
+    not pick up another run; training only, ``fresh_start_allowed``); anything else → that file, which must
+    exist. ``announce`` hears the choice and why.
+    """
     if not ckpt_path:
         return None
+    announce = announce or log.info
+    own = current_run_dir / "checkpoints" / "last.ckpt"
+    if str(ckpt_path) in ("last", "auto") and own.is_file():
+        announce(f"ckpt_path={ckpt_path} → {own} (this run folder's own last checkpoint)")
+        return str(own)
+    if str(ckpt_path) == "auto":
+        if not fresh_start_allowed:
+            raise ConfigError(
+                "ckpt_path=auto resumes training in a fixed run folder; here give a checkpoint's path or "
+                "ckpt_path=last."
+            )
+        announce(f"ckpt_path=auto: {current_run_dir} has no checkpoints/last.ckpt yet; starting a fresh run")
+        return None
     if str(ckpt_path) == "last":
-        current = current_run_dir.resolve()
-        candidates = [
-            path
-            for path in log_dir.glob("**/checkpoints/last.ckpt")
-            if current not in path.resolve().parents and path.is_file()
-        ]
+        candidates = [path for path in log_dir.glob("**/checkpoints/last.ckpt") if path.is_file()]
         if not candidates:
             raise ConfigError(
-                f"ckpt_path=last found no earlier run with checkpoints/last.ckpt under {log_dir}/; "
-                "give the checkpoint's path instead (ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt)."
+                f"ckpt_path=last found no checkpoints/last.ckpt in this run folder ({current_run_dir}) nor in "
+                f"any run under {log_dir}/; give the checkpoint's path instead "
+                "(ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt)."
             )
-        return str(max(candidates, key=lambda path: path.stat().st_mtime))
+        newest = max(candidates, key=lambda path: path.stat().st_mtime)
+        announce(f"ckpt_path=last → {newest} (the newest under {log_dir}/; this run folder has none)")
+        return str(newest)
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path} does not exist; give an existing .ckpt file or ckpt_path=last.")
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} does not exist; give an existing .ckpt file, ckpt_path=last or ckpt_path=auto."
+        )
     return str(path)
 
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, open_dict
 from diffusion_lab.build import build_module, storable_config
 from diffusion_lab.checkpoints import load_checkpoint
 from diffusion_lab.configs import register_configs
+from diffusion_lab.console import route_lightning_logs
 from diffusion_lab.runs import (
     config_errors,
     instantiate_group,
@@ -37,13 +38,19 @@ register_configs()
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model; returns the final callback metrics as floats."""
-    send_lightning_logs_to_the_run_log()
+    route_lightning_logs()
     if cfg.get("print_config"):
         print_config_tree(cfg, Path(cfg.paths.output_dir) / "config_tree.log")
     refuse_secrets(cfg, hydra_dir=Path(cfg.paths.output_dir) / ".hydra")
     L.seed_everything(cfg.seed, workers=True)
     with config_errors():
-        checkpoint = resolve_checkpoint(cfg.get("ckpt_path"), Path(cfg.paths.log_dir), Path(cfg.paths.output_dir))
+        checkpoint = resolve_checkpoint(
+            cfg.get("ckpt_path"),
+            Path(cfg.paths.log_dir),
+            Path(cfg.paths.output_dir),
+            announce=log_rank_zero,
+            fresh_start_allowed=True,
+        )
         if checkpoint is not None:
             continue_logger_runs(cfg, load_checkpoint(checkpoint, mmap=True))
         datamodule = instantiate(cfg.data)
@@ -53,10 +60,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             callbacks=instantiate_group(cfg.get("callbacks")),
             logger=instantiate_group(cfg.get("logger")) or False,
         )
-    # Every rank draws its own timesteps and noise; the network was initialised identically above.
-    L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
     if checkpoint is not None:
         log_rank_zero(f"Resuming from {checkpoint}")
+    # Every rank draws its own timesteps and noise; the network was initialised identically above.
+    L.seed_everything(cfg.seed + trainer.global_rank, workers=True, verbose=False)
     try:
         # Our checkpoints hold only tensors and plain values, so resuming never unpickles code either.
         trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
@@ -73,15 +80,6 @@ def continue_logger_runs(cfg: DictConfig, checkpoint: dict) -> None:
         with open_dict(wandb_cfg):
             wandb_cfg.id = run_id
             wandb_cfg.resume = "allow"
-
-
-def send_lightning_logs_to_the_run_log() -> None:
-    """Lightning installs its own console handler and stops propagation when imported before logging is
-    configured; hand its messages to Hydra's handlers so they also reach the run's log file."""
-    lightning_logger = logging.getLogger("lightning.pytorch")
-    if logging.getLogger().handlers:
-        lightning_logger.handlers.clear()
-        lightning_logger.propagate = True
 
 
 def finish_wandb_runs(trainer: L.Trainer) -> None:

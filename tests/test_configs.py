@@ -122,7 +122,7 @@ def test_every_callbacks_option_instantiates(option, compose_config):
             "DiffusionEMA",
             "SampleGrid",
             "LearningRateMonitor",
-            "RichProgressBar",
+            "StepProgressBar",
         },
         "fid": {"FIDCallback"},
         "none": set(),

@@ -7,6 +7,7 @@ against a direct transcription of Song et al.'s update instead.
 
 import math
 
+import diffusers  # a dev dependency: missing means a broken install, which must fail rather than skip
 import pytest
 import torch
 
@@ -14,8 +15,6 @@ from diffusion_lab.diffusion.process import GaussianDiffusion
 from diffusion_lab.diffusion.samplers import sample, sampler_timesteps
 from diffusion_lab.diffusion.schedules import make_schedule
 from tests.helpers import GaussianDataDenoiser
-
-diffusers = pytest.importorskip("diffusers", reason="diffusers (the dev extra) is the reference implementation")
 
 DIFFUSERS_SCHEDULE_NAMES = {
     "linear": "linear",
@@ -214,3 +213,75 @@ def test_ddpm_ancestral_loop_matches_with_the_same_generator(num_steps, spacing)
     assert (ours32.double() - exact).abs().max().item() <= 1e-5
     tolerance = 1e-4 if num_steps == 1000 else 1e-5
     assert (ours32 - theirs).abs().max().item() <= tolerance
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm_solver++"])
+def test_x0_prediction_matches_for_every_sampler(sampler):
+    """prediction_type='sample' (the network predicts x₀) through each of diffusers' three schedulers."""
+    schedule = make_schedule("linear", 1000)
+    model = GaussianDataDenoiser(schedule, "sample")
+    kwargs, step_kwargs = {}, {}
+    if sampler == "ddpm":
+        scheduler = diffusers.DDPMScheduler(prediction_type="sample", timestep_spacing="leading", clip_sample=True)
+        step_kwargs = {"generator": torch.Generator().manual_seed(5)}
+        kwargs = {"generator": torch.Generator().manual_seed(5), "timestep_spacing": "leading", "clip_sample": True}
+    elif sampler == "ddim":
+        scheduler = diffusers.DDIMScheduler(prediction_type="sample", timestep_spacing="trailing", clip_sample=True)
+        kwargs = {"timestep_spacing": "trailing", "clip_sample": True}
+    else:
+        scheduler = diffusers.DPMSolverMultistepScheduler(prediction_type="sample", timestep_spacing="trailing")
+        kwargs = {"timestep_spacing": "trailing", "clip_sample": False}
+    scheduler.set_timesteps(25)
+    theirs = run_diffusers_loop(scheduler, model, initial_noise(), **step_kwargs)
+    ours = sample(
+        model, schedule, SHAPE, sampler=sampler, num_steps=25, prediction_type="sample", noise=initial_noise(),
+        **kwargs,
+    )  # fmt: skip
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("eta", [0.3, 0.7])
+def test_ddim_with_eta_between_zero_and_one_matches_with_the_same_generator(eta):
+    """0 < η < 1 interpolates DDIM and DDPM's noise; both implementations draw it from the same generator."""
+    schedule = make_schedule("linear", 1000)
+    model = GaussianDataDenoiser(schedule, "epsilon")
+    scheduler = diffusers.DDIMScheduler(timestep_spacing="trailing", clip_sample=False)
+    scheduler.set_timesteps(20)
+    theirs = run_diffusers_loop(scheduler, model, initial_noise(), eta=eta, generator=torch.Generator().manual_seed(9))
+    ours = sample(
+        model, schedule, SHAPE, sampler="ddim", num_steps=20, eta=eta, timestep_spacing="trailing", clip_sample=False,
+        noise=initial_noise(), generator=torch.Generator().manual_seed(9),
+    )  # fmt: skip
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    deterministic = sample(
+        model, schedule, SHAPE, sampler="ddim", num_steps=20, timestep_spacing="trailing", clip_sample=False,
+        noise=initial_noise(),
+    )  # fmt: skip
+    assert (ours - deterministic).abs().max().item() > 1e-2  # η really adds noise
+
+
+def test_dpm_solver_with_clip_sample_matches_diffusers_fed_the_clipped_x0():
+    """Our DPM-Solver++ clips x̂₀ to [−1, 1] by default (clip_sample=True). diffusers' solver has no such
+    option, but in data-prediction form it consumes x̂₀ directly: fed a network that returns the clipped x̂₀
+    (prediction_type='sample'), it must take exactly our clipped steps."""
+    schedule = make_schedule("linear", 1000)
+    model = GaussianDataDenoiser(schedule, "epsilon", mean=0.8, std=0.5)  # x̂₀ often beyond 1: clipping acts
+    ab = schedule.alphas_cumprod
+
+    def clipped_x0(x, t):
+        a = ab[t].to(x).reshape(-1, 1, 1, 1)
+        return ((x - (1 - a).sqrt() * model(x, t)) / a.sqrt()).clamp(-1, 1)
+
+    scheduler = diffusers.DPMSolverMultistepScheduler(prediction_type="sample", timestep_spacing="trailing")
+    scheduler.set_timesteps(20)
+    theirs = run_diffusers_loop(scheduler, clipped_x0, initial_noise().double()).float()
+    ours = sample(
+        model, schedule, SHAPE, sampler="dpm_solver++", num_steps=20, timestep_spacing="trailing", clip_sample=True,
+        noise=initial_noise(),
+    )  # fmt: skip
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    unclipped = sample(
+        model, schedule, SHAPE, sampler="dpm_solver++", num_steps=20, timestep_spacing="trailing", clip_sample=False,
+        noise=initial_noise(),
+    )  # fmt: skip
+    assert (ours - unclipped).abs().max().item() > 1e-2

@@ -79,6 +79,23 @@ def test_guidance_changes_conditional_samples_and_is_refused_without_labels(cond
         module.generate(seeds=[0], labels=torch.tensor([1]), num_steps=4)
 
 
+def test_guided_model_is_one_plus_w_conditional_minus_w_unconditional(conditional_module):
+    """A stand-in network whose output is its label makes ε_c = k and ε_∅ = the null label (10) known, so
+    the module's guided function must return (1 + w)·k − w·10; swapped arguments would give (1 + w)·10 − w·k."""
+
+    def label_as_output(x, t, y):
+        return y.to(x.dtype).view(-1, 1, 1, 1).expand_as(x)
+
+    labels = torch.tensor([3, 7])
+    x, t = torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long)
+    for w in (0.0, 1.5, 4.0):
+        guided = conditional_module._model_fn(label_as_output, labels, w)(x, t)
+        expected = ((1 + w) * labels - w * conditional_module.null_label).float().view(-1, 1, 1, 1)
+        assert torch.allclose(guided, expected.expand_as(x)), w
+    unconditional = conditional_module._model_fn(label_as_output, None, 0.0)(x, t)
+    assert torch.all(unconditional == conditional_module.null_label)
+
+
 def test_ema_decay_warms_up_to_its_target():
     ema = DiffusionEMA(decay=0.999)
     assert ema.decay_at(0) == pytest.approx(0.1)
@@ -87,6 +104,31 @@ def test_ema_decay_warms_up_to_its_target():
     assert DiffusionEMA(decay=0.99, warmup=False).decay_at(0) == 0.99
     with pytest.raises(ValueError, match=r"ema decay=1\.0 must lie strictly between 0 and 1"):
         DiffusionEMA(decay=1.0)
+
+
+def test_one_ema_update_follows_the_formula(compose_config, tmp_path):
+    """Between two saved steps the averaged weights move by ema ← d·ema + (1 − d)·w, d = decay_at(step)."""
+    from diffusion_lab.train import train
+    from tests.conftest import FAST
+
+    train(
+        compose_config(
+            [*FAST, "trainer.max_steps=3", "callbacks.last_and_periodic.every_n_train_steps=1",
+             "callbacks.ema.decay=0.7", "callbacks.ema.warmup=true", "trainer.val_check_interval=100"]
+        )
+    )  # fmt: skip
+    folder = tmp_path / "run" / "checkpoints"
+    before, after = (torch.load(folder / f"step_{s:07d}.ckpt", weights_only=True) for s in (2, 3))
+    d = DiffusionEMA(decay=0.7).decay_at(3)  # after the 3rd optimiser step global_step is already 3
+    assert d == pytest.approx(4 / 13)
+    moved = 0
+    for key, raw in after["current_model_state"].items():
+        if not raw.is_floating_point():
+            continue
+        expected = d * before["state_dict"][key] + (1 - d) * raw
+        assert torch.allclose(after["state_dict"][key], expected, atol=1e-6), key
+        moved += int(not torch.equal(before["state_dict"][key], after["state_dict"][key]))
+    assert moved > 10  # the weights really changed between the two steps
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,6 @@
 """python -m diffusion_lab.sample / evaluate: reproducible samples, real FID/KID with torch-fidelity, NLL."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +9,6 @@ from PIL import Image
 
 from diffusion_lab.evaluation import fidelity
 from tests.conftest import FAST, run_cli
-
-
-@pytest.fixture
-def inception_weights() -> str:
-    path = os.environ.get("DIFFUSION_LAB_INCEPTION_WEIGHTS")
-    if not path or not Path(path).is_file():
-        pytest.skip("DIFFUSION_LAB_INCEPTION_WEIGHTS is unset (CI points it at ../shared/weights/…)")
-    return path
 
 
 def sample_cli(checkpoint: Path, out: Path, *extra: str):

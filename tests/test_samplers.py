@@ -1,5 +1,7 @@
 """Samplers: they reach the right distribution, are reproducible per sample, and reject bad options."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -121,23 +123,93 @@ def test_classifier_free_guidance_formula():
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm_solver++"])
-def test_trajectory_records_every_step(sampler):
-    model = GaussianDataDenoiser(LINEAR, "epsilon")
-    x, trajectory = sample(
+def test_trajectory_records_the_chain_the_sampler_walked(sampler):
+    """Each record is the state the network saw and the x̂₀ it implied there, in the order they happened."""
+    model = GaussianDataDenoiser(LINEAR, "epsilon", mean=0.3, std=0.5)
+    noise = torch.randn(4000, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    _x, trajectory = sample(
         model,
         LINEAR,
-        (2, 1, 4, 4),
+        noise.shape,
         sampler=sampler,
         num_steps=10,
+        noise=noise,
+        clip_sample=False,
         generator=torch.Generator().manual_seed(0),
         return_trajectory=True,
     )
     assert [step.t for step in trajectory] == sampler_timesteps(sampler, 1000, 10, "trailing").tolist()
-    assert all(step.x_t.shape == x.shape and step.pred_x0.shape == x.shape for step in trajectory)
-    # x̂₀ sharpens along the chain: its distance to the final sample shrinks.
-    first_gap = (trajectory[0].pred_x0 - x).abs().mean()
-    last_gap = (trajectory[-1].pred_x0 - x).abs().mean()
-    assert last_gap < first_gap
+    assert torch.equal(trajectory[0].x_t, noise)  # the chain starts at x_T
+    ab = LINEAR.alphas_cumprod
+    for step in trajectory:
+        # x̂₀ recorded = the exact denoiser's E[x₀ | x_t] at the recorded x_t and t (float32 ε → x̂₀ at t = 999
+        # divides by √ᾱ = 0.006, hence the tolerance)
+        a = ab[step.t].item()
+        exact_x0 = 0.3 + a**0.5 * 0.25 * (step.x_t - a**0.5 * 0.3) / (a * 0.25 + 1 - a)
+        assert torch.allclose(step.pred_x0, exact_x0, atol=2e-4)
+    # x̂₀ sharpens: its spread over samples grows from ≈ 0 at t = T toward the data's 0.5, step by step.
+    spreads = [step.pred_x0.std().item() for step in trajectory]
+    assert spreads[0] < 0.05 and all(a < b for a, b in itertools.pairwise(spreads))
+    if sampler == "ddim":  # η = 0: each recorded state is the deterministic update of the one before
+        for before, after in itertools.pairwise(trajectory):
+            a, a_next = ab[before.t].item(), ab[after.t].item()
+            eps = (before.x_t - a**0.5 * before.pred_x0) / (1 - a) ** 0.5
+            assert torch.allclose(after.x_t, a_next**0.5 * before.pred_x0 + (1 - a_next) ** 0.5 * eps, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm_solver++"])
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_every_sampler_handles_zero_terminal_snr(sampler, prediction_type):
+    """With ᾱ_{T−1} = 0 (Lin et al.) x_T is pure noise and x̂₀ there comes from v or x₀ alone (ε cannot give it):
+    the first step must be finite and equal that x̂₀, and the chain must still reach the data distribution."""
+    schedule = make_schedule("linear", 1000, rescale_betas_zero_snr=True)
+    assert schedule.alphas_cumprod[-1].item() == 0.0
+    model = GaussianDataDenoiser(schedule, prediction_type, mean=0.3, std=0.5)
+    x, trajectory = sample(
+        model,
+        schedule,
+        (8000, 1, 1, 1),
+        sampler=sampler,
+        num_steps=50,
+        prediction_type=prediction_type,
+        clip_sample=False,
+        generator=torch.Generator().manual_seed(0),
+        return_trajectory=True,
+    )
+    first = trajectory[0]
+    assert first.t == 999 and torch.isfinite(first.pred_x0).all()
+    assert torch.allclose(first.pred_x0, torch.full_like(first.pred_x0, 0.3), atol=1e-5)  # E[x₀] with no signal
+    assert torch.isfinite(x).all()
+    assert x.mean().item() == pytest.approx(0.3, abs=0.03)
+    assert x.std().item() == pytest.approx(0.5, abs=0.06)
+
+
+def test_fixed_large_variance_is_used_by_the_ddpm_sampler():
+    """fixed_large draws with σ² = β_t (Ho et al.'s other choice) — more noise than β̃_t: on a 2-step chain the
+    difference between two seeds' samples is larger, and equals the hand-computed step."""
+    schedule = make_schedule("linear", 1000)
+    model = GaussianDataDenoiser(schedule, "epsilon")
+    noise = torch.randn(1, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    for variance_type in ("fixed_small", "fixed_large"):
+        outputs[variance_type] = sample(
+            model, schedule, (1, 1, 1, 1), sampler="ddpm", num_steps=2, noise=noise.double(), clip_sample=False,
+            variance_type=variance_type, generator=torch.Generator().manual_seed(1), dtype=torch.float64,
+            timestep_spacing="trailing",
+        )  # fmt: skip
+    # Hand-computed: grid [999, 499]; one stochastic step 999 → 499, then the deterministic mean to x₀.
+    chain = schedule.respace(torch.tensor([499, 999]))
+    ab, ab_prev = chain.alphas_cumprod[1].item(), chain.alphas_cumprod[0].item()
+    beta = 1 - ab / ab_prev
+    eps = model(noise.double(), torch.tensor([999]))
+    x0 = (noise.double() - (1 - ab) ** 0.5 * eps) / ab**0.5
+    mean = (ab_prev**0.5 * beta * x0 + (1 - beta) ** 0.5 * (1 - ab_prev) * noise.double()) / (1 - ab)
+    z = torch.randn(1, 1, 1, 1, generator=torch.Generator().manual_seed(1)).double()
+    for variance_type, variance in (("fixed_small", beta * (1 - ab_prev) / (1 - ab)), ("fixed_large", beta)):
+        x_mid = mean + variance**0.5 * z
+        eps_mid = model(x_mid, torch.tensor([499]))
+        expected = (x_mid - (1 - ab_prev) ** 0.5 * eps_mid) / ab_prev**0.5
+        assert torch.allclose(outputs[variance_type], expected, atol=1e-9), variance_type
 
 
 def test_sampling_keeps_the_requested_dtype():

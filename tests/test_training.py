@@ -47,10 +47,25 @@ def test_validation_losses_are_reproducible(compose_config, tmp_path):
     assert first["val/loss"] == second["val/loss"] and first["val/loss_ema"] == second["val/loss_ema"]
 
 
-def test_bf16_mixed_precision_trains_on_cpu(compose_config, tmp_path):
-    metrics = train(compose_config([*FAST, "trainer.precision=bf16-mixed"]))
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_bf16_mixed_runs_the_network_under_autocast(compose_config, tmp_path, precision):
+    """Under bf16-mixed every convolution of the training steps computes in bfloat16 inside autocast (while
+    the loss stays float32); under 32-true none does."""
+    from tests.probes import AutocastProbe
+
+    metrics = train(
+        compose_config(
+            [*FAST, f"trainer.precision={precision}", "+callbacks.probe._target_=tests.probes.AutocastProbe"]
+        )
+    )
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 10
+    seen = AutocastProbe.seen
+    assert len(seen) >= 10 * 10  # every conv of every step
+    if precision == "bf16-mixed":
+        assert all(enabled and out == torch.bfloat16 for enabled, _, out in seen)
+    else:
+        assert not any(enabled for enabled, _, _ in seen) and all(out == torch.float32 for _, _, out in seen)
 
 
 def test_class_conditional_training_on_labelled_digits(compose_config, tmp_path):
@@ -79,6 +94,34 @@ def test_resume_last_finds_the_newest_earlier_run(compose_config, tmp_path):
     assert torch.load(outputs / "new" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 12
 
 
+def test_resume_last_prefers_this_run_folders_own_checkpoint(compose_config, tmp_path, caplog):
+    """A fixed run folder (hydra.run.dir=outputs/myrun) resumes itself, even when another run is newer."""
+    outputs = tmp_path / "outputs"
+    train(compose_config([*FAST, "trainer.max_steps=4"], run_dir=outputs / "myrun"))
+    train(compose_config([*FAST, "trainer.max_steps=6"], run_dir=outputs / "other"))  # newer, elsewhere
+    with caplog.at_level("INFO"):
+        train(compose_config([*FAST, "ckpt_path=last", "trainer.max_steps=8"], run_dir=outputs / "myrun"))
+    assert "ckpt_path=last → " in caplog.text and "this run folder's own last checkpoint" in caplog.text
+    steps = [int(row["step"]) for row in read_metrics(outputs / "myrun") if row.get("train/loss")]
+    resumed = torch.load(outputs / "myrun" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 8 and min(s for s in steps if s >= 4) >= 4
+
+
+def test_the_requeue_shape_same_command_twice_resumes_the_second_time(tmp_path):
+    """SLURM requeue: the same command line (fixed folder, ckpt_path=auto) starts fresh, then resumes."""
+    run = tmp_path / "outputs" / "job-1234"
+    command = [*FAST, "ckpt_path=auto", f"hydra.run.dir={run}", f"paths.log_dir={tmp_path / 'outputs'}"]
+    first = run_cli([*command, "trainer.max_steps=4"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "has no checkpoints/last.ckpt yet; starting a fresh run" in first.stdout + first.stderr
+    second = run_cli([*command, "trainer.max_steps=7"], cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"ckpt_path=auto → {run / 'checkpoints' / 'last.ckpt'}" in second.stdout + second.stderr
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 7
+    log = (run / "debug.log").read_text()
+    assert log.count("Resuming from") == 1
+
+
 def test_wandb_offline_writes_a_run_with_the_logged_metrics(compose_config, tmp_path):
     train(compose_config([*FAST, "logger=wandb"]))
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
@@ -98,12 +141,16 @@ def test_wandb_offline_writes_a_run_with_the_logged_metrics(compose_config, tmp_
     assert list((runs[0] / "files" / "media" / "images").glob("samples_*.png"))
 
 
-def test_the_job_returns_the_optimized_metric(compose_config):
+@pytest.mark.parametrize("metric", ["val/loss_ema", "val/loss"])
+def test_the_job_returns_the_optimized_metric(compose_config, tmp_path, metric):
+    """What a sweeper minimises is exactly the run's last logged value of ``optimized_metric``."""
     from diffusion_lab.train import main
 
-    cfg = compose_config(FAST)
-    value = main.__wrapped__(cfg)
-    assert isinstance(value, float) and value > 0
+    value = main.__wrapped__(compose_config([*FAST, f"optimized_metric={metric}"]))
+    logged = [float(row[metric]) for row in read_metrics(tmp_path / "run") if row.get(metric)]
+    assert isinstance(value, float) and value == pytest.approx(logged[-1], rel=1e-6)
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=False)
+    assert f"ModelCheckpoint{{'monitor': '{metric}'" in "".join(best["callbacks"])  # "best" tracks it too
 
 
 @pytest.mark.parametrize("experiment", ["quickstart", "mnist_ddpm", "cifar10_ddpm"])

@@ -222,3 +222,40 @@ def test_input_not_divisible_by_the_downsampling_factor_is_named():
     model = small_unet()
     with pytest.raises(ValueError, match=r"Input of 17×17 pixels is not divisible by this U-Net's downsampling"):
         model(torch.randn(1, 1, 17, 17), torch.tensor([1]))
+
+
+@pytest.mark.parametrize("mult", [(1, 2), (1, 2, 2)])
+def test_each_up_block_reads_its_own_skip_connection(mult):
+    """The decoder's k-th block must concatenate the encoder's feature map saved k-th from the end (the
+    U-Net's mirror pairing), unaltered: a zeroed, detached-and-noised or reordered skip fails here although
+    every shape still fits."""
+    net = small_unet(channel_mult=mult, attention_resolutions=()).eval()
+    saved, received = [], []
+    hooks = [net.input_conv.register_forward_hook(lambda m, i, out: saved.append(out))]
+    for layers in net.down:
+        hooks.append(layers[-1].register_forward_hook(lambda m, i, out: saved.append(out)))
+    for layers in net.up:
+        hooks.append(layers[0].register_forward_pre_hook(lambda m, args: received.append(args[0])))
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        net(x, torch.tensor([3, 700]))
+    for hook in hooks:
+        hook.remove()
+    assert len(received) == len(saved) == len(net.up)
+    for block_input, skip in zip(received, reversed(saved), strict=True):
+        assert torch.equal(block_input[:, -skip.shape[1] :], skip)
+    # and the output really depends on every skip: perturbing one changes the prediction
+    for k in range(len(net.up)):
+
+        def perturb(module, args, k=k):
+            if module is net.up[k][0]:
+                h = args[0].clone()
+                h[:, -1] += 1.0
+                return (h, *args[1:])
+
+        handle = net.up[k][0].register_forward_pre_hook(perturb)
+        with torch.no_grad():
+            changed = net(x, torch.tensor([3, 700]))
+            handle.remove()
+            base = net(x, torch.tensor([3, 700]))
+        assert (changed - base).abs().max() > 1e-4, k

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.optim.lr_scheduler import LambdaLR
 
 from diffusion_lab.errors import ConfigError
 
+log = logging.getLogger(__name__)
 DECAYS = ("none", "cosine", "linear")
 
 
@@ -26,11 +29,19 @@ class WarmupDecay:
             raise ConfigError(f"lr_scheduler.warmup_steps={warmup_steps} must be >= 0.")
         if decay not in DECAYS:
             raise ConfigError(f"Unknown lr_scheduler.decay {decay!r}; valid choices: {', '.join(DECAYS)}.")
-        if decay != "none" and (total_steps is None or total_steps <= warmup_steps):
+        if decay != "none" and (total_steps is None or total_steps < 1):
             raise ConfigError(
-                f"lr_scheduler.decay={decay!r} needs total_steps > warmup_steps={warmup_steps}, got {total_steps}; "
+                f"lr_scheduler.decay={decay!r} needs total_steps >= 1, got {total_steps}; "
                 "set trainer.max_steps (or lr_scheduler.total_steps)."
             )
+        if decay != "none" and total_steps <= warmup_steps:
+            # A shortened run (trainer.max_steps=20 to try an option) keeps one step of decay after its warm-up.
+            if rank_zero_only.rank == 0:
+                log.info(
+                    f"lr_scheduler: warm-up capped at {total_steps - 1} steps (configured {warmup_steps}) so that "
+                    f"{decay} decay fits the run's {total_steps} steps."
+                )
+            warmup_steps = total_steps - 1
         self.warmup_steps, self.decay = warmup_steps, decay
         self.total_steps, self.min_ratio = total_steps, min_ratio
 

@@ -87,6 +87,14 @@ class DiffusionModule(L.LightningModule):
         self._loss_is_finite: torch.Tensor | None = None
         if compile:
             self.net.compile()
+        if hasattr(net, "in_channels") and hasattr(net, "image_size"):
+            # One image through the network: Lightning's model summary then reports real FLOPs per image.
+            size = (1, net.in_channels, net.image_size, net.image_size)
+            self.example_input_array = (torch.zeros(size), torch.zeros(1, dtype=torch.long))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's prediction (ε, x₀ or v per ``prediction_type``) for noisy images at timesteps ``t``."""
+        return self.net(x_t, t) if labels is None else self.net(x_t, t, labels)
 
     # -- properties ------------------------------------------------------------------------------------
 

@@ -1,0 +1,32 @@
+"""Callbacks that tests attach to real runs through the config (``+callbacks.probe._target_=tests.probes.…``)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+
+
+class AutocastProbe(L.Callback):
+    """Records, for every convolution the network runs in training steps, whether autocast was on and the
+    dtype it computed in (class-level, so the test reads it after an in-process run)."""
+
+    seen: ClassVar[list[tuple[bool, torch.dtype, torch.dtype]]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        AutocastProbe.seen = []
+        self._handles = [
+            module.register_forward_hook(self._record)
+            for module in pl_module.net.modules()
+            if isinstance(module, torch.nn.Conv2d)
+        ]
+
+    @staticmethod
+    def _record(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if module.training:
+            AutocastProbe.seen.append((torch.is_autocast_enabled("cpu"), inputs[0].dtype, output.dtype))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for handle in self._handles:
+            handle.remove()
