@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from diffusion_lab.checkpoints import load_module
 from diffusion_lab.configs import plain, register_configs
 from diffusion_lab.data.base import to_model_range
 from diffusion_lab.diffusion.samplers import check_sampler_settings
-from diffusion_lab.errors import ConfigError
+from diffusion_lab.errors import CheckpointError, ConfigError
 from diffusion_lab.evaluation import (
     FIDELITY_METRICS,
     fidelity_metrics,
@@ -32,7 +33,15 @@ from diffusion_lab.evaluation import (
     reference_cache_name,
     resolve_inception_weights,
 )
-from diffusion_lab.evaluation.fidelity import FEATURE_EXTRACTOR
+from diffusion_lab.evaluation.fidelity import FEATURE_EXTRACTOR, inception_input, real_data_floor
+from diffusion_lab.evaluation.records import append_record, done_metrics
+from diffusion_lab.evaluation.sweep import (
+    CHECKPOINT_CHOICES,
+    find_runs,
+    is_run_folder,
+    sampler_grid,
+    select_checkpoints,
+)
 from diffusion_lab.runs import config_errors, instantiate_group, report_user_errors, resolve_checkpoint
 from diffusion_lab.sample import save_samples_npz
 from diffusion_lab.sampling import draw_samples, make_fabric, nfe_per_sample, resolve_labels
@@ -75,54 +84,66 @@ def reference_datamodule(cfg: DictConfig, checkpoint_config: dict[str, Any] | No
     return instantiate(data_cfg)
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Run the evaluation job; returns the metrics.json content (on rank 0)."""
-    metrics = list(cfg.metrics)
-    unknown = [m for m in metrics if m not in (*FIDELITY_METRICS, "nll")]
-    fidelity = [m for m in metrics if m in FIDELITY_METRICS]
-    with config_errors():
+class Evaluation:
+    """What every checkpoint's evaluation in one job shares: the request, the devices, the Inception weights,
+    and the reference data (loaded once per dataset, so a sweep reads its data and reference features once)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.metrics = list(cfg.metrics)
+        unknown = [m for m in self.metrics if m not in (*FIDELITY_METRICS, "nll")]
         if unknown:
             raise ConfigError(
-                f"metrics={metrics}: unknown {unknown}; valid choices: {', '.join(FIDELITY_METRICS)}, nll."
+                f"metrics={self.metrics}: unknown {unknown}; valid choices: {', '.join(FIDELITY_METRICS)}, nll."
             )
-        if not cfg.ckpt_path and not cfg.samples:
-            raise ConfigError("Give ckpt_path=<checkpoint> (to draw samples) or samples=<samples.npz> (to score them).")
-        if "nll" in metrics and not cfg.ckpt_path:
-            raise ConfigError("metrics=[nll] needs ckpt_path: the likelihood bound is computed with the model.")
-        weights = (
-            resolve_inception_weights(cfg.eval.inception_weights, require_classifier="isc" in metrics)
-            if fidelity
+        self.fidelity = [m for m in self.metrics if m in FIDELITY_METRICS]
+        self.weights = (
+            resolve_inception_weights(cfg.eval.inception_weights, require_classifier="isc" in self.metrics)
+            if self.fidelity
             else None
         )
-        module, checkpoint = None, None
-        if cfg.ckpt_path:
-            path = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir), Path(cfg.output_dir))
-            module, checkpoint = load_module(path, use_ema=cfg.use_ema)
-        fabric = make_fabric(cfg.accelerator, cfg.devices, cfg.precision)
-        datamodule = reference_datamodule(cfg, checkpoint["diffusion_lab_config"] if checkpoint else None)
-        settings = sampler_settings(cfg.sampler)
-        if module is not None:
-            check_sampler_settings(module.schedule.num_train_timesteps, **settings)
+        self.fabric = make_fabric(cfg.accelerator, cfg.devices, cfg.precision)
+        self._data: dict[str, tuple[Any, torch.Tensor | None]] = {}
 
-    protocol: dict[str, Any] = {
-        "dataset": datamodule.name,
-        "reference_split": cfg.reference_split,
-        "feature_extractor": FEATURE_EXTRACTOR,
-        "inception_weights": weights,
-    }
-    results: dict[str, float] = {}
-    output = Path(cfg.output_dir)
-    samples = None
-    if fidelity:
-        if cfg.samples:
-            samples = load_samples_npz(cfg.samples)
-            protocol.update(samples_file=str(cfg.samples), num_samples=len(samples))
-        else:
-            module.to(fabric.device)
+    @property
+    def is_main(self) -> bool:
+        return self.fabric.global_rank == 0
+
+    def data(self, checkpoint_config: dict[str, Any] | None):
+        """(datamodule, reference images) for ``data=…`` or the checkpoint's dataset; reference on rank 0 only."""
+        key = json.dumps(plain(self.cfg.data) if self.cfg.get("data") else (checkpoint_config or {}).get("data"))
+        if key not in self._data:
+            datamodule = reference_datamodule(self.cfg, checkpoint_config)
+            reference = datamodule.reference_images(self.cfg.reference_split) if self.is_main else None
+            self._data[key] = (datamodule, reference)
+        return self._data[key]
+
+    def score(
+        self,
+        *,
+        module=None,
+        checkpoint: dict[str, Any] | None = None,
+        checkpoint_path: str | None = None,
+        samples: torch.Tensor | None = None,
+        settings: dict[str, Any] | None = None,
+        save_samples_to: Path | None = None,
+    ) -> dict[str, Any] | None:
+        """The metrics and full protocol of one checkpoint × sampler setting (or of given samples); None off rank 0."""
+        cfg = self.cfg
+        datamodule, reference = self.data(checkpoint["diffusion_lab_config"] if checkpoint else None)
+        protocol: dict[str, Any] = {
+            "dataset": datamodule.name,
+            "reference_split": cfg.reference_split,
+            "feature_extractor": FEATURE_EXTRACTOR,
+            "inception_weights": self.weights,
+        }
+        labels = None
+        if self.fidelity and samples is None:
+            module.to(self.fabric.device)
             labels = resolve_labels(cfg.class_label, cfg.num_samples, module.num_classes)
             start = time.perf_counter()
             samples = draw_samples(
-                module, fabric, cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size, labels=labels,
+                module, self.fabric, cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size, labels=labels,
                 guidance_scale=cfg.guidance_scale, sampler=settings,
             )  # fmt: skip
             protocol.update(
@@ -134,41 +155,183 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 seed=cfg.seed,
                 sampling_seconds=round(time.perf_counter() - start, 1),
             )
-            if fabric.global_rank == 0 and cfg.save_samples:
-                save_samples_npz(output / "samples.npz", samples, labels)
-    if fabric.global_rank != 0:
-        return {}
-    if checkpoint is not None:
-        protocol.update(
-            checkpoint=str(cfg.ckpt_path), global_step=int(checkpoint["global_step"]), ema=bool(cfg.use_ema)
-        )
-    reference = datamodule.reference_images(cfg.reference_split)
-    protocol["num_reference"] = len(reference)
-    if fidelity:
-        start = time.perf_counter()
-        results.update(
-            fidelity_metrics(
-                samples,
-                reference,
-                fidelity,
-                reference_name=reference_cache_name(datamodule.name, cfg.reference_split, reference),
-                weights_path=weights,
-                cache_dir=Path(cfg.eval.cache_dir).expanduser(),
-                batch_size=cfg.eval.batch_size,
-                kid_subset_size=cfg.eval.kid_subset_size,
-                prc_neighborhood=cfg.eval.prc_neighborhood,
-                verbose=cfg.eval.verbose,
+        elif samples is not None:
+            protocol.update(num_samples=len(samples))
+        if not self.is_main:
+            return None
+        if save_samples_to is not None and samples is not None and cfg.save_samples:
+            save_samples_npz(save_samples_to, samples, labels)
+        if checkpoint is not None:
+            protocol.update(
+                checkpoint=str(checkpoint_path),
+                checkpoint_file=f"{Path(checkpoint_path).parent.name}/{Path(checkpoint_path).name}",
+                global_step=int(checkpoint["global_step"]),
+                ema=bool(cfg.use_ema),
             )
-        )
+        protocol["num_reference"] = len(reference)
+        results: dict[str, float] = {}
+        if self.fidelity:
+            results.update(self._fidelity(samples, reference, datamodule, protocol))
+        if "nll" in self.metrics:
+            results.update(held_out_nll(module, reference, cfg, self.fabric.device, protocol))
+        return {"metrics": results, "protocol": protocol, "requested": self.metrics}
+
+    def _fidelity(self, samples, reference, datamodule, protocol: dict[str, Any]) -> dict[str, float]:
+        cfg = self.cfg
+        common = {
+            "reference_name": reference_cache_name(datamodule.name, cfg.reference_split, reference),
+            "weights_path": self.weights,
+            "cache_dir": Path(cfg.eval.cache_dir).expanduser(),
+            "batch_size": cfg.eval.batch_size,
+            "kid_subset_size": cfg.eval.kid_subset_size,
+        }
+        start = time.perf_counter()
+        values = fidelity_metrics(
+            samples, reference, self.fidelity, prc_neighborhood=cfg.eval.prc_neighborhood, verbose=cfg.eval.verbose,
+            **common,
+        )  # fmt: skip
         protocol["fidelity_seconds"] = round(time.perf_counter() - start, 1)
-    if "nll" in metrics:
-        results.update(held_out_nll(module, reference, cfg, fabric.device, protocol))
-    report = {"metrics": results, "protocol": protocol}
+        protocol.update(inception_input(samples))
+        if cfg.eval.floor and ("fid" in self.fidelity or "kid" in self.fidelity):
+            floor = self._floor(datamodule, reference, len(samples), common)
+            if floor is not None:
+                protocol["real_data_floor"] = floor
+        if len(samples) < 10_000:
+            protocol["warning"] = (
+                f"N = {len(samples)} < 10k: FID is biased upwards at small N; compare these values with each "
+                "other (same N, same reference), not with published ones."
+            )
+        return values
+
+    def _floor(self, datamodule, reference, count: int, common: dict[str, Any]) -> dict[str, Any] | None:
+        """The real-data floor at this N: as many images of the other split as there are samples (a fixed
+        random subset), against the same reference."""
+        other = "train" if self.cfg.reference_split != "train" else "val"
+        try:
+            real = datamodule.reference_images(other)
+        except KeyError:
+            return None
+        chosen = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[: min(count, len(real))]
+        return real_data_floor(real[chosen.sort().values], reference, real_split=other, **common)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Run the evaluation job; returns the metrics.json content (on rank 0), or the sweep's summary."""
+    with config_errors():
+        if cfg.get("runs"):
+            return evaluate_runs(cfg)
+        if not cfg.ckpt_path and not cfg.samples:
+            raise ConfigError(
+                "Give ckpt_path=<checkpoint> (to draw samples), samples=<samples.npz> (to score them) or "
+                "runs=<run or multirun folder> (to evaluate every run's checkpoints)."
+            )
+        if "nll" in list(cfg.metrics) and not cfg.ckpt_path:
+            raise ConfigError("metrics=[nll] needs ckpt_path: the likelihood bound is computed with the model.")
+        job = Evaluation(cfg)
+        module, checkpoint, path = None, None, None
+        if cfg.ckpt_path:
+            path = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir), Path(cfg.output_dir))
+            module, checkpoint = load_module(path, use_ema=cfg.use_ema)
+        job.data(checkpoint["diffusion_lab_config"] if checkpoint else None)
+        settings = sampler_settings(cfg.sampler)
+        if module is not None:
+            check_sampler_settings(module.schedule.num_train_timesteps, **settings)
+        samples = load_samples_npz(cfg.samples) if cfg.samples and job.fidelity else None
+
+    output = Path(cfg.output_dir)
+    report = job.score(
+        module=module, checkpoint=checkpoint, checkpoint_path=path, samples=samples, settings=settings,
+        save_samples_to=output / "samples.npz" if samples is None else None,
+    )  # fmt: skip
+    if report is None:
+        return {}
+    if cfg.samples:
+        report["protocol"]["samples_file"] = str(cfg.samples)
     output.mkdir(parents=True, exist_ok=True)
-    (output / "metrics.json").write_text(json.dumps(report, indent=2))
-    log_to_loggers(cfg, results, protocol.get("global_step", 0))
-    log.info("metrics: %s", json.dumps(results))
-    return report
+    (output / "metrics.json").write_text(json.dumps({k: report[k] for k in ("metrics", "protocol")}, indent=2))
+    if path is not None and is_run_folder(Path(path).resolve().parent.parent):
+        append_record(Path(path).resolve().parent.parent, stamped(report))
+    log_to_loggers(cfg, report["metrics"], report["protocol"].get("global_step", 0))
+    log.info("metrics: %s", json.dumps(report["metrics"]))
+    return {k: report[k] for k in ("metrics", "protocol")}
+
+
+def stamped(report: dict[str, Any]) -> dict[str, Any]:
+    return {**report, "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def evaluate_runs(cfg: DictConfig) -> dict[str, Any]:
+    """Every run under ``runs`` × its selected checkpoints × the sampler grid, appended to each run's
+    eval/metrics.jsonl; measurements already recorded there are skipped (a rerun resumes)."""
+    paths = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs)
+    if cfg.checkpoints not in CHECKPOINT_CHOICES:
+        raise ConfigError(f"checkpoints={cfg.checkpoints} is not one of {', '.join(CHECKPOINT_CHOICES)}.")
+    runs = find_runs(paths)
+    usable = [run for run in runs if run.problem is None]
+    failed = {str(run.path): run.problem for run in runs if run.problem is not None}
+    for path, problem in failed.items():
+        log.warning("skipping %s: %s", path, problem)
+    if not usable:
+        raise ConfigError(
+            f"runs={paths}: found no training run with checkpoints"
+            + (f" ({len(failed)} without: {'; '.join(f'{p}: {m}' for p, m in failed.items())})" if failed else "")
+            + "; point runs= at a run folder (outputs/<date>/<time>) or a multirun folder."
+        )
+    cells = sampler_grid(plain(cfg.sampler), plain(cfg.get("grid")))
+    for run in usable:  # every grid cell is checked against every run before anything is sampled
+        run_config = OmegaConf.load(run.path / ".hydra" / "config.yaml")
+        for cell in cells:
+            check_sampler_settings(int(run_config.schedule.num_train_timesteps), **cell)
+    job = Evaluation(cfg)
+    summary: dict[str, Any] = {"evaluated": 0, "skipped": 0, "failed": dict(failed), "records": []}
+    started = time.perf_counter()
+    for run in usable:
+        for path in select_checkpoints(run, cfg.checkpoints):
+            try:
+                evaluate_checkpoint(job, run.path, path, cells, summary)
+            except CheckpointError as error:
+                log.warning("skipping %s: %s", path, error)
+                summary["failed"][str(path)] = str(error)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    if job.is_main:
+        output = Path(cfg.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info(
+            "evaluated %d, already recorded %d, failed %d, in %.0f s",
+            summary["evaluated"], summary["skipped"], len(summary["failed"]), summary["seconds"],
+        )  # fmt: skip
+    if not summary["evaluated"] and not summary["skipped"]:
+        raise ConfigError(f"runs={paths}: nothing could be evaluated ({'; '.join(summary['failed'].values())}).")
+    return summary
+
+
+def evaluate_checkpoint(job: Evaluation, run_dir: Path, path: Path, cells: list[dict], summary: dict) -> None:
+    cfg = job.cfg
+    module = checkpoint = None
+    for settings in cells:
+        if module is None:
+            module, checkpoint = load_module(str(path), use_ema=cfg.use_ema)
+        key = {
+            "checkpoint_file": f"{path.parent.name}/{path.name}", "global_step": int(checkpoint["global_step"]),
+            "ema": bool(cfg.use_ema), "sampler": settings if job.fidelity else None,
+            "num_samples": cfg.num_samples if job.fidelity else None, "seed": cfg.seed if job.fidelity else None,
+            "guidance_scale": cfg.guidance_scale if job.fidelity else None,
+            "class_label": plain(cfg).get("class_label") if job.fidelity else None,
+            "reference_split": cfg.reference_split,
+        }  # fmt: skip
+        if set(job.metrics) <= done_metrics(run_dir, key):
+            summary["skipped"] += 1
+            log.info("already recorded: %s %s %s", run_dir.name, path.name, settings.get("sampler"))
+            continue
+        report = job.score(module=module, checkpoint=checkpoint, checkpoint_path=str(path), settings=settings)
+        if report is not None:
+            append_record(run_dir, stamped(report))
+            summary["records"].append({"run": str(run_dir), **{k: report[k] for k in ("metrics", "protocol")}})
+            log.info("%s %s %s: %s", run_dir.name, path.name, settings.get("sampler"), json.dumps(report["metrics"]))
+        summary["evaluated"] += 1
+        if not job.fidelity:
+            break  # nll does not depend on the sampler
 
 
 def held_out_nll(module, reference: torch.Tensor, cfg: DictConfig, device, protocol: dict) -> dict[str, float]:

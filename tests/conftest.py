@@ -38,6 +38,19 @@ FAST = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_reference_cache_per_session(tmp_path_factory):
+    """Every evaluation in the session (in-process or CLI) shares one torch-fidelity cache: the digits'
+    reference features are extracted once (~45 s of Inception on this CPU), not once per test."""
+    previous = os.environ.get("DIFFUSION_LAB_CACHE_DIR")
+    os.environ["DIFFUSION_LAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("DIFFUSION_LAB_CACHE_DIR", None)
+    else:
+        os.environ["DIFFUSION_LAB_CACHE_DIR"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _offline_wandb(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -98,6 +111,18 @@ def skip_or_fail(reason: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason}; CI must run these tests (see ../shared/README.md)")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def quickstart_sweep(tmp_path_factory) -> Path:
+    """A real 2×2 multirun (schedule × loss weighting) of the tiny quickstart, made once through the CLI."""
+    sweep = tmp_path_factory.mktemp("multirun") / "sweep"
+    result = run_cli(
+        ["-m", "schedule=linear,cosine", "loss_weighting=uniform,min_snr", *FAST, f"hydra.sweep.dir={sweep}"],
+        cwd=sweep.parent,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep
 
 
 @pytest.fixture

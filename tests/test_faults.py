@@ -248,21 +248,42 @@ BAD_TRAINING_INPUT = [
 ]
 
 
-@pytest.mark.parametrize(("overrides", "message"), BAD_TRAINING_INPUT, ids=lambda v: str(v)[:40])
-def test_bad_training_input_ends_in_one_clear_line_and_leaves_saved_results_alone(tmp_path, overrides, message):
-    folder = make_image_folder(tmp_path) if any("{folder}" in o for o in overrides) else None
-    fill = {"tmp": tmp_path, "folder": folder}
-    overrides = [o.format(**fill) for o in overrides]
+def earlier_result(tmp_path: Path) -> Path:
     saved = tmp_path / "outputs" / "earlier" / "checkpoints" / "last.ckpt"
     saved.parent.mkdir(parents=True)
     saved.write_bytes(b"a result from an earlier run")
+    return saved
+
+
+def test_a_bad_override_through_the_real_cli_is_one_line_and_exit_status_1(tmp_path):
+    """The process-level contract once for real: Hydra's composition error, exit status 1, no traceback."""
+    saved = earlier_result(tmp_path)
     result = run_cli(
-        [*FAST, *overrides, f"paths.log_dir={tmp_path / 'outputs'}", f"hydra.run.dir={tmp_path / 'outputs' / 'now'}"],
+        [*FAST, "schedule=cosin", f"paths.log_dir={tmp_path / 'outputs'}", f"hydra.run.dir={tmp_path / 'now'}"],
         cwd=tmp_path,
     )
     assert result.returncode == 1
-    assert message.format(**fill) in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert "Could not find 'schedule/cosin'" in result.stderr and "Traceback" not in result.stderr
+    assert saved.read_bytes() == b"a result from an earlier run"
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_TRAINING_INPUT[1:], ids=lambda v: str(v)[:40])
+def test_bad_training_input_ends_in_one_clear_line_and_leaves_saved_results_alone(
+    tmp_path, overrides, message, compose_config, capsys
+):
+    """In-process (the CLI's own error path, report_user_errors, without a process start per case)."""
+    from diffusion_lab.runs import report_user_errors
+    from diffusion_lab.train import train
+
+    folder = make_image_folder(tmp_path) if any("{folder}" in o for o in overrides) else None
+    fill = {"tmp": tmp_path, "folder": folder}
+    overrides = [o.format(**fill) for o in overrides]
+    saved = earlier_result(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        report_user_errors(train, compose_config([*FAST, *overrides], run_dir=tmp_path / "outputs" / "now"))
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert message.format(**fill) in error and error.strip().startswith("Error:"), error[-2000:]
     assert saved.read_bytes() == b"a result from an earlier run"
     assert not (tmp_path / "outputs" / "now" / "checkpoints").exists()
 

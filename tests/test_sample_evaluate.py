@@ -69,16 +69,23 @@ def test_trajectory_figure_and_gif(checkpoint, tmp_path):
         (["sampler.eta=-1"], r"eta=-1.0 must lie in \[0, 1\]"),
     ],
 )
-def test_bad_sampling_requests_end_in_one_clear_line(checkpoint, tmp_path, extra, message):
+def test_bad_sampling_requests_end_in_one_clear_line(checkpoint, tmp_path, extra, message, compose_config, capsys):
+    """In-process through the CLI's error path (one real CLI case is the missing checkpoint below)."""
     import re
+
+    from diffusion_lab.runs import report_user_errors
+    from diffusion_lab.sample import sample
 
     earlier = tmp_path / "bad" / "samples.npz"  # results of an earlier run in the same folder stay as they were
     earlier.parent.mkdir()
     earlier.write_bytes(b"earlier samples")
-    result = sample_cli(checkpoint, tmp_path / "bad", *extra)
-    assert result.returncode == 1 and earlier.read_bytes() == b"earlier samples"
-    assert re.search(message, result.stderr), result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    cfg = compose_config([f"ckpt_path={checkpoint}", "sampler.num_steps=10", *extra], run_dir=tmp_path / "bad",
+                         config_name="sample")  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        report_user_errors(sample, cfg)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 1 and earlier.read_bytes() == b"earlier samples"
+    assert re.search(message, error) and error.strip().startswith("Error:"), error[-2000:]
 
 
 def test_a_missing_or_corrupt_checkpoint_is_a_clear_error(checkpoint, tmp_path):

@@ -76,3 +76,8 @@ class InMemoryBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch = int(state["epoch"])
         self._batches_done = int(state["batches_done"])
+
+
+def images_in_batch(batch: tuple[torch.Tensor, Any]) -> int:
+    """How many images a (images, labels) batch holds: Lightning's ThroughputMonitor counts with it."""
+    return int(batch[0].shape[0])

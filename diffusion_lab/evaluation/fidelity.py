@@ -7,8 +7,10 @@ under a name built from the dataset, split, resolution and size of the reference
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -147,3 +149,47 @@ def fidelity_metrics(
         verbose=verbose,
     )
     return {RESULT_KEYS.get(key, key): float(value) for key, value in result.items()}
+
+
+def inception_input(images: torch.Tensor) -> dict[str, str]:
+    """How images reach the Inception network, for the protocol next to every FID."""
+    channels, height, width = images.shape[1:]
+    colour = "grey replicated to RGB" if channels == 1 else "RGB"
+    return {
+        "image_resolution": f"{height}×{width}×{channels}",
+        "inception_input": "299×299 RGB, uint8 [0, 255]",
+        "resize": f"{height}×{width} → 299×299 bilinear inside torch-fidelity's {FEATURE_EXTRACTOR} "
+        f"(TF-1 compatible), {colour}",
+    }
+
+
+def real_data_floor(
+    real: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    real_split: str,
+    reference_name: str,
+    weights_path: str,
+    cache_dir: str | Path,
+    batch_size: int = 64,
+    kid_subset_size: int = 1000,
+) -> dict[str, Any]:
+    """FID and KID of ``real`` images (another split of the same data, as many as the samples) against the
+    reference: what a perfect model would score at this N. Computed once; cached beside the reference features."""
+    cache = Path(cache_dir) / f"{reference_name}-floor-{real_split}-n{len(real)}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    values = fidelity_metrics(
+        real,
+        reference,
+        ["fid", "kid"],
+        reference_name=reference_name,
+        weights_path=weights_path,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+        kid_subset_size=kid_subset_size,
+    )
+    floor = {"fid": values["fid"], "kid_mean": values["kid_mean"], "split": real_split, "n": len(real)}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(floor))
+    return floor

@@ -92,6 +92,9 @@ class DiffusionModule(L.LightningModule):
             size = (1, net.in_channels, net.image_size, net.image_size)
             self.example_input_array = (torch.zeros(size), torch.zeros(1, dtype=torch.long))
 
+    # Read by Lightning's ThroughputMonitor; None: it reports images/s without a FLOP-based utilisation.
+    flops_per_batch = None
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """The network's prediction (ε, x₀ or v per ``prediction_type``) for noisy images at timesteps ``t``."""
         return self.net(x_t, t) if labels is None else self.net(x_t, t, labels)

@@ -1,0 +1,71 @@
+"""The evaluation table of a run: ``<run>/eval/metrics.jsonl``, one JSON record per checkpoint × sampler
+setting, appended, never rewritten, so evaluating later adds rows and an interrupted sweep resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+RECORDS = Path("eval") / "metrics.jsonl"
+
+# What makes two evaluations the same measurement: a record with these protocol values is not redone.
+KEY_FIELDS = (
+    "checkpoint_file",
+    "global_step",
+    "ema",
+    "sampler",
+    "num_samples",
+    "seed",
+    "guidance_scale",
+    "class_label",
+    "reference_split",
+)
+
+
+def records_path(run_dir: Path) -> Path:
+    return Path(run_dir) / RECORDS
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """Every complete record of the run (a line cut short by a kill is skipped)."""
+    path = records_path(run_dir)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def record_key(protocol: dict[str, Any]) -> str:
+    return json.dumps({field: protocol.get(field) for field in KEY_FIELDS}, sort_keys=True)
+
+
+def done_metrics(run_dir: Path, protocol: dict[str, Any]) -> set[str]:
+    """The metrics already recorded for this measurement."""
+    key = record_key(protocol)
+    return {
+        name
+        for record in read_records(run_dir)
+        if record_key(record.get("protocol", {})) == key
+        for name in record.get("requested", [])
+    }
+
+
+def append_record(run_dir: Path, record: dict[str, Any]) -> Path:
+    """One line, written with a single write and fsync'ed: a kill leaves at most a partial last line."""
+    path = records_path(run_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, sort_keys=True) + "\n"
+    if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        line = "\n" + line  # a line cut short by a kill stays alone (and unreadable), not glued to this one
+    with open(path, "a") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path

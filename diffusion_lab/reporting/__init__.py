@@ -1,0 +1,1 @@
+"""The comparison report: runs, tables, figures and their Markdown/HTML rendering."""

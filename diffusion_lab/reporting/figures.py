@@ -1,0 +1,180 @@
+"""The report's figures (matplotlib, written as PNG): losses, the per-timestep loss profile, FID against training
+step and against network calls, and the runs' last sample grids side by side."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from PIL import Image
+
+from diffusion_lab.reporting.runs import Run, sampler_label
+from diffusion_lab.reporting.tables import Group, mean_std
+
+COLOURS = plt.get_cmap("tab10").colors
+
+
+def _colour(index: int):
+    return COLOURS[index % len(COLOURS)]
+
+
+def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
+    smoothed, running = [], None
+    for value in values:
+        running = value if running is None else weight * running + (1 - weight) * value
+        smoothed.append(running)
+    return smoothed
+
+
+PLAIN = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:.3g}")
+
+
+def _plain_numbers(ax, axis: str = "y") -> None:
+    """Log axes label ticks as 0.9, 1.2 … rather than 9×10⁻¹ (the ranges here are often under a decade)."""
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_formatter(PLAIN)
+    target.set_minor_formatter(PLAIN if axis == "y" else matplotlib.ticker.NullFormatter())
+
+
+def _legend(ax, count: int) -> None:
+    ax.legend(fontsize=7 if count > 6 else 8, loc="best", framealpha=0.85)
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def loss_curves(runs: list[Run], path: Path) -> Path | None:
+    """Training loss (smoothed) and validation losses (raw weights dashed, EMA solid) against step."""
+    if not any(run.series("train/loss") for run in runs):
+        return None
+    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for index, run in enumerate(runs):
+        steps, values = zip(*run.series("train/loss"), strict=True) if run.series("train/loss") else ((), ())
+        train_ax.plot(steps, _smooth(list(values)), color=_colour(index), label=run.label, linewidth=1.3)
+        for key, style in (("val/loss", "--"), ("val/loss_ema", "-")):
+            series = run.series(key)
+            if series:
+                xs, ys = zip(*series, strict=True)
+                val_ax.plot(xs, ys, style, marker="o", markersize=3, color=_colour(index), linewidth=1.2,
+                            label=f"{run.label} ({'EMA' if key.endswith('ema') else 'raw'})")  # fmt: skip
+    train_ax.set(title="training loss (exponentially smoothed, 0.8)", xlabel="optimiser step", ylabel="train/loss")
+    val_ax.set(title="validation loss: EMA weights solid, raw weights dashed", xlabel="optimiser step",
+               ylabel="val/loss (fixed seeds)")  # fmt: skip
+    for ax in (train_ax, val_ax):
+        ax.set_yscale("log")
+        _plain_numbers(ax)
+        ax.grid(alpha=0.3, which="both")
+    _legend(train_ax, len(runs))
+    _legend(val_ax, 2 * len(runs))
+    return _save(fig, path)
+
+
+def loss_profile(runs: list[Run], path: Path) -> Path | None:
+    """train/loss_t0…t9 at the end of training: where in t each run's loss sits."""
+    profiled = [(index, run) for index, run in enumerate(runs) if run.loss_profile]
+    if not profiled:
+        return None
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for index, run in profiled:
+        profile = run.loss_profile
+        centres = [(k + 0.5) / len(profile) for k in range(len(profile))]
+        ax.plot(centres, profile, marker="o", markersize=3, color=_colour(index), label=run.label)
+    ax.set(title="loss by timestep range at the end of training", xlabel="t / T (bucket centre; 0 = clean, 1 = noise)",
+           ylabel="train/loss_t (weighted loss)", yscale="log")  # fmt: skip
+    _plain_numbers(ax)
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax, len(profiled))
+    return _save(fig, path)
+
+
+def fid_against_step(runs: list[Run], path: Path) -> Path | None:
+    """FID and KID of every evaluated checkpoint against its training step (``checkpoints=all``)."""
+    curves = defaultdict(list)
+    for index, run in enumerate(runs):
+        for record in run.evaluations:
+            if "fid" in record["metrics"] and "global_step" in record["protocol"]:
+                curves[(index, sampler_label(record["protocol"]))].append(record)
+    curves = {
+        key: records for key, records in curves.items() if len({r["protocol"]["global_step"] for r in records}) > 1
+    }
+    if not curves:
+        return None
+    has_kid = any("kid_mean" in r["metrics"] for records in curves.values() for r in records)
+    fig, axes = plt.subplots(1, 2 if has_kid else 1, figsize=(12 if has_kid else 7, 4.2), squeeze=False)
+    styles = {
+        label: style for label, style in zip(sorted({k[1] for k in curves}), ("-", "--", ":", "-."), strict=False)
+    }
+    for (index, label), records in sorted(curves.items()):
+        records = sorted(records, key=lambda r: r["protocol"]["global_step"])
+        steps = [r["protocol"]["global_step"] for r in records]
+        for ax, metric in zip(axes[0], ("fid", "kid_mean"), strict=False):
+            ax.plot(steps, [r["metrics"].get(metric, float("nan")) for r in records], styles.get(label, "-"),
+                    marker="o", markersize=3, color=_colour(index), label=f"{runs[index].label} · {label}")  # fmt: skip
+    for ax, name in zip(axes[0], ("FID", "KID"), strict=False):
+        ax.set(title=f"{name} against training step", xlabel="optimiser step of the checkpoint", ylabel=name)
+        ax.grid(alpha=0.3)
+    _legend(axes[0][0], len(curves))
+    return _save(fig, path)
+
+
+def fid_against_nfe(groups: list[Group], path: Path) -> Path | None:
+    """FID at the final checkpoint against network calls per sample, one panel per sampler, one line per
+    group (mean ± std over seeds), the real-data floor dashed."""
+    points = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # sampler → group → nfe → [fid]
+    floors = []
+    for g, group in enumerate(groups):
+        for run in group.runs:
+            for record in run.final_evaluations:
+                protocol = record["protocol"]
+                if "fid" in record["metrics"] and protocol.get("nfe_per_sample"):
+                    sampler = sampler_label(protocol).split("·")[0]
+                    points[sampler][g][protocol["nfe_per_sample"]].append(record["metrics"]["fid"])
+                    if "real_data_floor" in protocol:
+                        floors.append(protocol["real_data_floor"]["fid"])
+    if not points or not any(len(nfes) > 1 for by_group in points.values() for nfes in by_group.values()):
+        return None
+    samplers = sorted(points)
+    fig, axes = plt.subplots(1, len(samplers), figsize=(5.5 * len(samplers), 4.2), squeeze=False, sharey=True)
+    for ax, sampler in zip(axes[0], samplers, strict=True):
+        for g, by_nfe in sorted(points[sampler].items()):
+            nfes = sorted(by_nfe)
+            stats = [mean_std(by_nfe[n]) for n in nfes]
+            label = " ".join(f"{k}={v}" for k, v in groups[g].settings.items()) or "all runs"
+            ax.errorbar(nfes, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", markersize=3,
+                        capsize=3, color=_colour(g), label=f"{label} (n={stats[0][2]})")  # fmt: skip
+        if floors:
+            ax.axhline(min(floors), color="grey", linestyle="--", linewidth=1, label="real-data floor")
+        ax.set(title=f"{sampler}: FID against network calls", xlabel="network calls per sample (NFE)", xscale="log",
+               ylabel="FID (mean ± std over seeds)")  # fmt: skip
+        ax.set_xticks(sorted({n for by_nfe in points[sampler].values() for n in by_nfe}))
+        _plain_numbers(ax, "x")
+        ax.grid(alpha=0.3, which="both")
+        _legend(ax, len(points[sampler]))
+    return _save(fig, path)
+
+
+def sample_grids(runs: list[Run], path: Path) -> Path | None:
+    """Each run's last sample grid, labelled, side by side."""
+    shown = [run for run in runs if run.grid is not None]
+    if not shown:
+        return None
+    columns = min(4, len(shown))
+    rows = -(-len(shown) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 4.1 * rows), squeeze=False, layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, run in zip(axes.flat, shown, strict=False):
+        ax.imshow(Image.open(run.grid).convert("RGB"), interpolation="nearest")
+        step = int(run.grid.stem.split("_")[-1])
+        ax.set_title(f"{run.label}\nsamples at step {step}", fontsize=8)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

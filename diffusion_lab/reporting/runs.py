@@ -1,0 +1,150 @@
+"""A training run as the report sees it: what was overridden, how training went, its evaluations and grid."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from diffusion_lab.evaluation.records import read_records
+from diffusion_lab.evaluation.sweep import last_error_line
+
+LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\]")
+IGNORED_OVERRIDES = ("hydra.", "paths.", "ckpt_path", "print_config")
+
+
+@dataclass
+class Run:
+    """Everything the report reads from one run folder (nothing is written there)."""
+
+    path: Path
+    overrides: dict[str, str]
+    config: dict[str, Any]
+    rows: list[dict[str, float]]
+    wall_seconds: float | None
+    grid: Path | None
+    evaluations: list[dict[str, Any]]
+    problem: str | None = None
+    label: str = ""
+    columns: dict[str, Any] = field(default_factory=dict)
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every logged value of ``key``."""
+        return [(int(row["step"]), row[key]) for row in self.rows if key in row and "step" in row]
+
+    def last(self, key: str) -> float | None:
+        values = self.series(key)
+        return values[-1][1] if values else None
+
+    @property
+    def steps(self) -> int | None:
+        steps = [int(row["step"]) + 1 for row in self.rows if "train/loss" in row]
+        return max(steps) if steps else None
+
+    @property
+    def loss_profile(self) -> list[float] | None:
+        """The last logged train/loss_t0 … t9: the loss in ten equal ranges of t at the end of training."""
+        keys = sorted((k for row in self.rows for k in row if k.startswith("train/loss_t")), key=_bucket)
+        keys = list(dict.fromkeys(keys))
+        if not keys:
+            return None
+        rows = [row for row in self.rows if all(k in row for k in keys)]
+        return [rows[-1][k] for k in keys] if rows else None
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Training images/s over all processes, from Lightning's ThroughputMonitor."""
+        total = self.last("train/samples_per_sec")
+        if total is not None:
+            return total
+        device = self.last("train/device/samples_per_sec")
+        trainer = self.config.get("trainer", {})
+        devices = trainer.get("devices") if isinstance(trainer.get("devices"), int) else 1
+        return device * devices * int(trainer.get("num_nodes", 1)) if device is not None else None
+
+    @property
+    def final_evaluations(self) -> list[dict[str, Any]]:
+        """The records of the run's latest evaluated step (one per sampler setting, the newest of each)."""
+        if not self.evaluations:
+            return []
+        last_step = max(r["protocol"].get("global_step", -1) for r in self.evaluations)
+        newest: dict[str, dict] = {}
+        for record in self.evaluations:
+            if record["protocol"].get("global_step", -1) == last_step:
+                newest[sampler_label(record["protocol"])] = record
+        return list(newest.values())
+
+
+def _bucket(key: str) -> int:
+    return int(key.rsplit("_t", 1)[1])
+
+
+def sampler_label(protocol: dict[str, Any]) -> str:
+    """'ddim·20' — the sampler and its network calls per sample."""
+    sampler = protocol.get("sampler") or {}
+    name = {"dpm_solver++": "dpm++"}.get(sampler.get("sampler"), sampler.get("sampler") or "samples")
+    nfe = protocol.get("nfe_per_sample")
+    return f"{name}·{nfe}" if nfe else name
+
+
+def load_run(path: Path) -> Run:
+    hydra = path / ".hydra"
+    overrides = {}
+    if (hydra / "overrides.yaml").is_file():
+        for item in OmegaConf.to_container(OmegaConf.load(hydra / "overrides.yaml")) or []:
+            key, _, value = str(item).partition("=")
+            if not key.lstrip("+~").startswith(IGNORED_OVERRIDES):
+                overrides[key.lstrip("+~")] = value
+    config = OmegaConf.to_container(OmegaConf.load(hydra / "config.yaml")) if (hydra / "config.yaml").is_file() else {}
+    rows = read_metrics_csv(path / "csv" / "metrics.csv")
+    grids = sorted((path / "samples").glob("step_*.png"))
+    run = Run(
+        path=path,
+        overrides=overrides,
+        config=config,
+        rows=rows,
+        wall_seconds=log_wall_seconds(path),
+        grid=grids[-1] if grids else None,
+        evaluations=read_records(path),
+    )
+    if not rows:
+        run.problem = f"no training metrics ({last_error_line(path) or 'no log'})"
+    return run
+
+
+def read_metrics_csv(path: Path) -> list[dict[str, float]]:
+    """Lightning's CSV rows with the empty cells dropped and numbers parsed."""
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path) as handle:
+        for row in csv.DictReader(handle):
+            parsed = {}
+            for key, value in row.items():
+                try:
+                    number = float(value)
+                except (TypeError, ValueError):
+                    continue
+                if math.isfinite(number):
+                    parsed[key] = number
+            rows.append(parsed)
+    return rows
+
+
+def log_wall_seconds(path: Path) -> float | None:
+    """Seconds from the first to the last timestamped line of the run's log (training, validation, grids)."""
+    stamps = []
+    for log in path.glob("*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            match = LOG_TIME.match(line)
+            if match:
+                stamps.append(
+                    datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(match.group(2)) / 1e3
+                )
+    return max(stamps) - min(stamps) if len(stamps) > 1 else None

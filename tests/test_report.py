@@ -1,0 +1,221 @@
+"""Comparing runs: a real sweep evaluated over a sampler grid (appended, resumable records), the offline report
+(tables with only the differing overrides, seed groups, inlined figures), the real-data floor, and bad input."""
+
+import hashlib
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+import torch_fidelity
+
+from diffusion_lab import report
+from diffusion_lab.evaluate import evaluate
+from diffusion_lab.evaluation.fidelity import FEATURE_EXTRACTOR, reference_cache_name
+from diffusion_lab.evaluation.records import read_records
+from tests.conftest import run_cli
+from tests.test_fidelity import PlainRGB
+
+GRID = ["grid.sampler=[ddim,dpm_solver]", "grid.num_steps=[4,8]", "num_samples=4", "eval.batch_size=8"]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Content hash of every file under a folder (to prove nothing but the eval records changed)."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def records(run: Path) -> list[dict]:
+    return read_records(run)  # complete lines only
+
+
+@pytest.fixture(scope="module")
+def evaluated_sweep(quickstart_sweep, tmp_path_factory):
+    """The session's 2×2 sweep evaluated once through the CLI with a 2×2 sampler grid (4 samples a cell)."""
+    import os
+
+    if not os.environ.get("DIFFUSION_LAB_INCEPTION_WEIGHTS"):
+        pytest.skip("needs the Inception weights")
+    before = snapshot(quickstart_sweep)
+    out = tmp_path_factory.mktemp("evaluate") / "job"
+    result = run_cli([f"runs={quickstart_sweep}", *GRID, f"hydra.run.dir={out}"], cwd=out.parent,
+                     module="diffusion_lab.evaluate")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return quickstart_sweep, before, out
+
+
+def test_a_sweep_is_evaluated_over_the_sampler_grid_with_the_same_seeds(evaluated_sweep, inception_weights):
+    sweep, before, out = evaluated_sweep
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["evaluated"] == 16 and summary["failed"] == {}
+    for job in ("0", "1", "2", "3"):
+        rows = records(sweep / job)
+        cells = {(r["protocol"]["sampler"]["sampler"], r["protocol"]["sampler"]["num_steps"]) for r in rows}
+        assert cells == {("ddim", 4), ("ddim", 8), ("dpm_solver++", 4), ("dpm_solver++", 8)}
+        assert {r["protocol"]["seed"] for r in rows} == {0} and {r["protocol"]["num_samples"] for r in rows} == {4}
+        for row in rows:
+            protocol = row["protocol"]
+            assert row["metrics"]["fid"] > 0 and protocol["global_step"] == 10 and protocol["ema"] is True
+            assert protocol["nfe_per_sample"] == protocol["sampler"]["num_steps"]
+            assert protocol["num_reference"] == 180 and protocol["reference_split"] == "val"
+            assert protocol["image_resolution"] == "8×8×1" and "299×299" in protocol["resize"]
+            assert protocol["real_data_floor"]["split"] == "train" and protocol["real_data_floor"]["n"] == 4
+            assert "not with published ones" in protocol["warning"]
+    # nothing in the run folders changed but the appended records
+    after = snapshot(sweep)
+    added = {name for name in after if name not in before}
+    assert all(name.endswith("eval/metrics.jsonl") for name in added)
+    assert all(after[name] == digest for name, digest in before.items() if not name.endswith("metrics.jsonl"))
+
+
+def test_evaluating_again_resumes_and_new_settings_append(evaluated_sweep, compose_config, tmp_path):
+    sweep, _, _ = evaluated_sweep
+    first_lines = {job: (sweep / job / "eval" / "metrics.jsonl").read_text() for job in "0123"}
+    again = evaluate(compose_config([f"runs={sweep}", *GRID], config_name="evaluate"))
+    assert again["evaluated"] == 0 and again["skipped"] == 16
+    # an evaluation killed mid-write: job 2 lost its last record and holds half a line
+    path = sweep / "2" / "eval" / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1][:40])
+    resumed = evaluate(compose_config([f"runs={sweep}", *GRID], config_name="evaluate"))
+    assert resumed["evaluated"] == 1 and resumed["skipped"] == 15
+    assert len(records(sweep / "2")) == 4 and path.read_text().count("\n") == 5  # 3 kept, 1 torn, 1 new
+    # a new grid value adds rows; what was there stays byte for byte
+    evaluate(compose_config([f"runs={sweep / '0'}", "grid.sampler=[ddim]", "grid.num_steps=[2]", "num_samples=4",
+                             "eval.batch_size=8"], config_name="evaluate"))  # fmt: skip
+    text = (sweep / "0" / "eval" / "metrics.jsonl").read_text()
+    assert text.startswith(first_lines["0"]) and len(text.splitlines()) == 5
+
+
+def test_the_real_data_floor_equals_a_direct_torch_fidelity_call(evaluated_sweep, inception_weights):
+    """The floor: 4 training images (the fixed subset) against the cached validation reference."""
+    import os
+
+    from diffusion_lab.data import DigitsDataModule
+
+    sweep, _, _ = evaluated_sweep
+    floor = records(sweep / "0")[0]["protocol"]["real_data_floor"]
+    data = DigitsDataModule(image_size=8)
+    train, reference = data.reference_images("train"), data.reference_images("val")
+    chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:4].sort().values
+    direct = torch_fidelity.calculate_metrics(
+        input1=PlainRGB(train[chosen]), input2=PlainRGB(reference), fid=True, cuda=False, verbose=False,
+        input2_cache_name=reference_cache_name("digits", "val", reference), cache=True,
+        cache_root=os.path.join(os.environ["DIFFUSION_LAB_CACHE_DIR"], "fidelity"), batch_size=8,
+        feature_extractor=FEATURE_EXTRACTOR, feature_extractor_weights_path=inception_weights,
+    )["frechet_inception_distance"]  # fmt: skip
+    assert floor["fid"] == pytest.approx(direct, rel=1e-6)
+
+
+def test_the_report_of_an_evaluated_sweep(evaluated_sweep, tmp_path):
+    sweep, _, _ = evaluated_sweep
+    before = snapshot(sweep)
+    assert report.main([str(sweep), "--output", str(tmp_path / "report")]) == 0
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    table = markdown.split("## Runs")[1].split("##")[0].strip().splitlines()
+    header = [cell.strip() for cell in table[0].strip("|").split("|")]
+    assert header[:3] == ["run", "schedule", "loss_weighting"]  # exactly the overrides that differ
+    assert "seed" not in header and "model" not in header
+    assert {"FID ddim·4", "FID ddim·8", "FID dpm++·4", "FID dpm++·8", "val/loss_ema", "images/s"} <= set(header)
+    rows = table[2:]
+    assert len(rows) == 4
+    assert {tuple(c.strip() for c in row.strip("|").split("|")[1:3]) for row in rows} == {
+        ("linear", "uniform"), ("linear", "min_snr"), ("cosine", "uniform"), ("cosine", "min_snr")
+    }  # fmt: skip
+    fid_column = header.index("FID ddim·8")
+    values = [float(row.strip("|").split("|")[fid_column].strip().strip("*")) for row in rows]
+    best = [row for row in rows if row.strip("|").split("|")[fid_column].strip().startswith("**")]
+    assert len(best) == 1 and f"{min(values):.4g}" in best[0]  # the best of the column is marked
+    assert "Protocol: N generated 4" in markdown and "real-data floor" in markdown and "N < 10,000" in markdown
+    figures = re.findall(r"!\[[^]]*\]\((figures/[^)]+\.png)\)", markdown)
+    assert set(figures) == {f"figures/{n}.png" for n in ("loss_curves", "loss_profile", "fid_vs_nfe", "samples")}
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == len(figures) and "figures/" not in page
+    assert snapshot(sweep) == before  # the report writes nothing into the runs
+
+
+def write_run(folder: Path, overrides: dict, val_loss_ema: float, fid: float | None = None, steps=(10,)) -> Path:
+    """A synthetic finished run folder with known numbers."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text("trainer:\n  devices: 1\nschedule:\n  num_train_timesteps: 1000\n")
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {k}={v}\n" for k, v in overrides.items()))
+    (folder / "csv").mkdir()
+    (folder / "csv" / "metrics.csv").write_text(f"step,train/loss,val/loss_ema\n9,0.5,\n9,,{val_loss_ema}\n")
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"")
+    if fid is not None:
+        (folder / "eval").mkdir()
+        lines = []
+        for step in steps:
+            protocol = {"global_step": step, "sampler": {"sampler": "ddim", "num_steps": 10}, "nfe_per_sample": 10,
+                        "num_samples": 100, "seed": 0, "num_reference": 180, "dataset": "digits"}  # fmt: skip
+            lines.append(json.dumps({"metrics": {"fid": fid + 100.0 / step, "kid_mean": 0.01}, "protocol": protocol}))
+        (folder / "eval" / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_runs_that_differ_only_in_seed_are_grouped_as_mean_and_std(tmp_path):
+    known = {("linear", 0): (0.10, 20.0), ("linear", 1): (0.14, 26.0), ("linear", 2): (0.12, 23.0),
+             ("cosine", 0): (0.20, 40.0), ("cosine", 1): (0.30, 50.0)}  # fmt: skip
+    for index, ((schedule, seed), (loss, fid)) in enumerate(known.items()):
+        write_run(tmp_path / "sweep" / str(index), {"schedule": schedule, "seed": seed}, loss, fid, steps=(10, 20))
+    assert report.main([str(tmp_path / "sweep"), "--output", str(tmp_path / "out")]) == 0
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    section = markdown.split("## Grouped over seeds")[1].split("##")[0]
+    grouped = [line for line in section.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in grouped[0].strip("|").split("|")]
+    assert header[:2] == ["schedule", "n"]
+    rows = {row.strip("|").split("|")[0].strip(): [c.strip() for c in row.strip("|").split("|")] for row in grouped[2:]}
+    for schedule, n in (("linear", 3), ("cosine", 2)):
+        losses = [v[0] for (s, _), v in known.items() if s == schedule]
+        fids = [v[1] + 100.0 / 20 for (s, _), v in known.items() if s == schedule]  # the final step's FID
+        assert rows[schedule][1] == str(n)
+        loss_cell = rows[schedule][header.index("val/loss_ema")].strip("*")
+        fid_cell = rows[schedule][header.index("FID ddim·10")].strip("*")
+        assert loss_cell == f"{statistics.fmean(losses):.4g} ± {statistics.stdev(losses):.4g}"
+        assert fid_cell == f"{statistics.fmean(fids):.4g} ± {statistics.stdev(fids):.4g}"
+    assert (tmp_path / "out" / "figures" / "fid_vs_step.png").is_file()  # two evaluated steps per run
+
+
+def test_a_crashed_job_is_listed_and_the_rest_reported(tmp_path):
+    write_run(tmp_path / "sweep" / "0", {"schedule": "linear"}, 0.1, 20.0)
+    crashed = tmp_path / "sweep" / "1"
+    (crashed / ".hydra").mkdir(parents=True)
+    (crashed / ".hydra" / "config.yaml").write_text("trainer:\n  devices: 1\n")
+    (crashed / "train.log").write_text("[2026-01-01 10:00:00,000][x][INFO] - start\nRuntimeError: CUDA out of memory\n")
+    result = run_cli([str(tmp_path / "sweep"), "--output", str(tmp_path / "out")], cwd=tmp_path,
+                     module="diffusion_lab.report")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "not reported:" in result.stderr and "RuntimeError: CUDA out of memory" in result.stderr
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    assert "Run summary" in markdown and "RuntimeError: CUDA out of memory" in markdown
+
+
+def test_a_run_without_evaluations_says_how_to_add_fid(tmp_path):
+    write_run(tmp_path / "run", {"schedule": "cosine"}, 0.1)
+    assert report.main([str(tmp_path / "run"), "--output", str(tmp_path / "out")]) == 0
+    assert "python -m diffusion_lab.evaluate runs=" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_bad_report_and_sweep_input_is_one_clear_line(tmp_path, compose_config, capsys, quickstart_sweep):
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 1
+    assert "Error: no training runs under" in capsys.readouterr().err
+    from diffusion_lab.errors import ConfigError
+
+    before = snapshot(quickstart_sweep)
+    for overrides, message in (
+        (["grid.num_steps=[5000]"], "num_steps=5000 must be an integer between 1 and num_train_timesteps=1000"),
+        (["grid.sampler=[euler]"], "grid.sampler: unknown sampler 'euler'; valid choices: ddim, ddpm, dpm_solver"),
+        (["checkpoints=first"], "checkpoints=first is not one of last, best, all"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            evaluate(compose_config([f"runs={quickstart_sweep}", *overrides], config_name="evaluate"))
+    with pytest.raises(ConfigError, match="found no training run with checkpoints"):
+        evaluate(compose_config([f"runs={tmp_path / 'empty'}"], config_name="evaluate"))
+    assert snapshot(quickstart_sweep) == before  # refused before anything was sampled or written
