@@ -288,24 +288,30 @@ def test_bad_training_input_ends_in_one_clear_line_and_leaves_saved_results_alon
     assert not (tmp_path / "outputs" / "now" / "checkpoints").exists()
 
 
-def test_ddp_ranks_end_with_identical_model_and_ema_weights(tmp_path):
-    dumps = tmp_path / "dumps"
-    result = run_cli(
-        [
-            *FAST,
-            "trainer=ddp_cpu",
-            "data.batch_size=32",
-            "+callbacks.dump._target_=tests.fault_injection.DumpWeightsPerRank",
-            f"+callbacks.dump.output_dir={dumps}",
-            f"hydra.run.dir={tmp_path / 'run'}",
-        ],
-        cwd=tmp_path,
-        env_extra={"PYTHONPATH": str(REPO_ROOT)},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(dumps / f"weights_rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert_bitwise_equal(rank0, rank1)
-    assert any(not torch.equal(rank0["raw"][k], rank0["ema"][k]) for k in rank0["raw"])  # both were trained
+def test_ddp_ranks_end_with_identical_weights_and_a_resumed_ddp_run_is_bit_exact(tmp_path):
+    """Two CPU processes: both ranks end with the same raw and EMA weights; and resuming the run from its
+    step-5 checkpoint ends bitwise where the uninterrupted run did, which needs every rank to restore its own
+    random generators (restoring rank 0's on both would draw the same noise on both and diverge)."""
+
+    def ddp_run(name: str, *extra: str) -> dict:
+        dumps = tmp_path / f"dumps_{name}"
+        result = run_cli(
+            [*FAST, "trainer=ddp_cpu", "data.batch_size=32", "callbacks.sample_grid=null",
+             "+callbacks.dump._target_=tests.fault_injection.DumpWeightsPerRank", f"+callbacks.dump.output_dir={dumps}",
+             f"hydra.run.dir={tmp_path / name}", *extra],
+            cwd=tmp_path, env_extra={"PYTHONPATH": str(REPO_ROOT)},
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return {r: torch.load(dumps / f"weights_rank{r}.pt", weights_only=True) for r in (0, 1)}
+
+    full = ddp_run("full")
+    assert_bitwise_equal(full[0], full[1])
+    assert any(not torch.equal(full[0]["raw"][k], full[0]["ema"][k]) for k in full[0]["raw"])  # both were trained
+    resumed = ddp_run("resumed", f"ckpt_path={tmp_path / 'full' / 'checkpoints' / 'step_0000005.ckpt'}")
+    assert_bitwise_equal(resumed[0], full[0])
+    assert_bitwise_equal(resumed[1], full[1])
+    saved = torch.load(tmp_path / "full" / "checkpoints" / "step_0000005.ckpt", weights_only=True)
+    assert len(saved["rng_states"]) == 2  # one state per rank
 
 
 def files_containing(root: Path, secret: str) -> list[Path]:

@@ -1,6 +1,7 @@
 """python -m diffusion_lab.sample / evaluate: reproducible samples, real FID/KID with torch-fidelity, NLL."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -106,23 +107,25 @@ def evaluate_cli(out: Path, *args: str, env_extra=None):
 def test_fid_and_kid_with_the_real_inception_and_a_cached_reference(
     checkpoint, tmp_path, inception_weights, monkeypatch, compose_config
 ):
-    cache = tmp_path / "cache"
+    cache = Path(os.environ["DIFFUSION_LAB_CACHE_DIR"]) / "fidelity"  # shared by the session's evaluations
     first = evaluate_cli(
-        tmp_path / "e1", f"ckpt_path={checkpoint}", "num_samples=200", "sampler.num_steps=10", "metrics=[fid,kid]",
-        f"eval.cache_dir={cache}",
+        tmp_path / "e1", f"ckpt_path={checkpoint}", "num_samples=60", "sampler.num_steps=10", "metrics=[fid,kid]",
     )  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((tmp_path / "e1" / "metrics.json").read_text())
     metrics, protocol = report["metrics"], report["protocol"]
     assert metrics["fid"] > 0 and np.isfinite(metrics["fid"]) and np.isfinite(metrics["kid_mean"])
-    assert protocol["num_samples"] == 200 and protocol["num_reference"] == 180 and protocol["dataset"] == "digits"
+    assert protocol["num_samples"] == 60 and protocol["num_reference"] == 180 and protocol["dataset"] == "digits"
     assert protocol["nfe_per_sample"] == 10 and protocol["ema"] is True and protocol["global_step"] == 10
     assert protocol["feature_extractor"] == "inception-v3-compat" and protocol["seed"] == 0
-    cached = sorted(p.name for p in cache.iterdir())
-    assert cached == [
+    cached = {p.name for p in cache.iterdir()}
+    assert {
         "diffusion_lab-digits-val-1x8x8-n180-inception-v3-compat-features-2048.pt",
         "diffusion_lab-digits-val-1x8x8-n180-inception-v3-compat-stat-fid-2048.pt",
-    ]
+        "diffusion_lab-digits-val-1x8x8-n180-floor-train-n60.json",  # the real-data floor, at the same N
+    } <= cached
+    floor = protocol["real_data_floor"]
+    assert floor["n"] == 60 and floor["split"] == "train" and 0 < floor["fid"] < metrics["fid"]
     # Second time: the same samples from their npz; the reference must come from the cache, never re-read.
     from diffusion_lab import evaluate
 
@@ -134,7 +137,6 @@ def test_fid_and_kid_with_the_real_inception_and_a_cached_reference(
         f"samples={tmp_path / 'e1' / 'samples.npz'}",
         "data=digits",
         "metrics=[fid,kid]",
-        f"eval.cache_dir={cache}",
     ]
     cfg = compose_config(overrides, run_dir=tmp_path / "e2", config_name="evaluate")
     second = evaluate.evaluate(cfg)
@@ -157,20 +159,21 @@ def test_no_weights_and_no_network_is_one_clear_error(checkpoint, tmp_path):
     assert "eval.inception_weights=" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_nll_is_finite_and_falls_with_training(tmp_path):
-    """A model with T = 100, scored on the same held-out digits before and after 150 steps of training."""
-    common = [*FAST, "schedule.num_train_timesteps=100", "lr_scheduler.warmup_steps=0"]
+def test_nll_is_finite_and_falls_with_training(tmp_path, compose_config):
+    """A model with T = 100, scored on the same held-out digits before and after 150 steps of training
+    (in-process: the CLI path of evaluate is covered by the FID test)."""
+    from diffusion_lab import evaluate
+    from diffusion_lab.train import train
+
+    common = [*FAST, "schedule.num_train_timesteps=100", "lr_scheduler.warmup_steps=0", "callbacks.sample_grid=null"]
     runs = {}
     for name, steps in (("before", 1), ("after", 150)):
         run = tmp_path / name
-        result = run_cli([*common, f"trainer.max_steps={steps}", f"hydra.run.dir={run}"], cwd=tmp_path)
-        assert result.returncode == 0, result.stderr[-3000:]
-        evaluation = evaluate_cli(
-            tmp_path / f"nll_{name}", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "metrics=[nll]",
-            "nll.num_batches=1", "nll.batch_size=64",
-        )  # fmt: skip
-        assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-        runs[name] = json.loads((tmp_path / f"nll_{name}" / "metrics.json").read_text())["metrics"]["nll_bpd"]
+        train(compose_config([*common, f"trainer.max_steps={steps}", "trainer.val_check_interval=1000"], run_dir=run))
+        overrides = [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "metrics=[nll]", "nll.num_batches=1",
+                     "nll.batch_size=64"]  # fmt: skip
+        cfg = compose_config(overrides, run_dir=tmp_path / f"nll_{name}", config_name="evaluate")
+        runs[name] = evaluate.evaluate(cfg)["metrics"]["nll_bpd"]
     assert all(np.isfinite(value) for value in runs.values())
     assert runs["after"] < runs["before"] - 0.5
 
@@ -186,8 +189,8 @@ def test_fid_callback_logs_val_fid_during_training(compose_config, tmp_path, inc
         "callbacks.fid.every_n_steps=10",
         "callbacks.fid.num_samples=16",
         "+callbacks.fid.sampler={num_steps: 5}",
-        f"callbacks.fid.cache_dir={tmp_path / 'cache'}",
     ]
     metrics = train(compose_config(overrides))
     assert np.isfinite(metrics["val/fid"]) and metrics["val/fid"] > 0
-    assert any((tmp_path / "cache").glob("diffusion_lab-digits-val-*-stat-fid-2048.pt"))
+    cache = Path(os.environ["DIFFUSION_LAB_CACHE_DIR"]) / "fidelity"  # the session's shared reference cache
+    assert any(cache.glob("diffusion_lab-digits-val-*-stat-fid-2048.pt"))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
 from diffusion_lab.configs import SamplerConfig, plain
@@ -86,9 +87,19 @@ def select_checkpoints(run: RunFolder, which: str) -> list[Path]:
     if which in ("last", "best"):
         path = folder / f"{which}.ckpt"
         return [path] if path.is_file() else []
-    steps = sorted(folder.glob("step_*.ckpt"), key=lambda p: int(STEP_CHECKPOINT.search(p.name).group(1)))
+    by_step = {int(STEP_CHECKPOINT.search(p.name).group(1)): p for p in folder.glob("step_*.ckpt")}
     last = folder / "last.ckpt"
-    return steps + ([last] if last.is_file() else [])
+    if last.is_file() and saved_step(last) not in by_step:
+        return [*(by_step[s] for s in sorted(by_step)), last]
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def saved_step(path: Path) -> int | None:
+    """The global step a checkpoint was saved at (memory-mapped: the weights are not read)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    except Exception:  # unreadable: keep it in the list, and the evaluation will name the problem
+        return None
 
 
 def sampler_option(name: str) -> dict[str, Any]:
