@@ -86,7 +86,8 @@ def to_markdown(document: Document, folder: Path) -> str:
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1300px; color: #222; padding: 0 1em; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; white-space: nowrap; }
+.scroll { overflow-x: auto; }
 th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
 td.best { font-weight: bold; background: #e6f4ea; }
 figure { margin: 1em 0 2em; } figure img { max-width: 100%; border: 1px solid #eee; }
@@ -110,7 +111,11 @@ def to_html(document: Document) -> str:
         elif kind == "note":
             parts.append(f'<p class="note"><b>Note.</b> {html.escape(content)}</p>')
         elif kind == "table":
-            parts.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in content.header) + "</tr>")
+            parts.append(
+                '<div class="scroll"><table><tr>'
+                + "".join(f"<th>{html.escape(h)}</th>" for h in content.header)
+                + "</tr>"
+            )
             for row in content.rows:
                 cells = "".join(
                     f'<td class="best">{html.escape(format_cell(v))}</td>'
@@ -119,7 +124,7 @@ def to_html(document: Document) -> str:
                     for c, v in zip(content.header, row, strict=True)
                 )
                 parts.append(f"<tr>{cells}</tr>")
-            parts.append("</table>")
+            parts.append("</table></div>")
         elif kind == "figure":
             path, caption = content
             data = base64.b64encode(path.read_bytes()).decode("ascii")

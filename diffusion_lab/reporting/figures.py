@@ -36,8 +36,11 @@ PLAIN = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:.3g}")
 def _plain_numbers(ax, axis: str = "y") -> None:
     """Log axes label ticks as 0.9, 1.2 … rather than 9×10⁻¹ (the ranges here are often under a decade)."""
     target = ax.yaxis if axis == "y" else ax.xaxis
+    low, high = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    within_a_decade = axis == "y" and low > 0 and high / low < 10
     target.set_major_formatter(PLAIN)
-    target.set_minor_formatter(PLAIN if axis == "y" else matplotlib.ticker.NullFormatter())
+    # minor ticks get labels only where a decade has no major tick to read from
+    target.set_minor_formatter(PLAIN if within_a_decade else matplotlib.ticker.NullFormatter())
 
 
 def _legend(ax, count: int) -> None:
@@ -66,14 +69,13 @@ def loss_curves(runs: list[Run], path: Path) -> Path | None:
                 val_ax.plot(xs, ys, style, marker="o", markersize=3, color=_colour(index), linewidth=1.2,
                             label=f"{run.label} ({'EMA' if key.endswith('ema') else 'raw'})")  # fmt: skip
     train_ax.set(title="training loss (exponentially smoothed, 0.8)", xlabel="optimiser step", ylabel="train/loss")
-    val_ax.set(title="validation loss: EMA weights solid, raw weights dashed", xlabel="optimiser step",
+    val_ax.set(title="validation loss (colours as left): EMA solid, raw dashed", xlabel="optimiser step",
                ylabel="val/loss (fixed seeds)")  # fmt: skip
     for ax in (train_ax, val_ax):
         ax.set_yscale("log")
         _plain_numbers(ax)
         ax.grid(alpha=0.3, which="both")
     _legend(train_ax, len(runs))
-    _legend(val_ax, 2 * len(runs))
     return _save(fig, path)
 
 
