@@ -219,3 +219,21 @@ def test_bad_report_and_sweep_input_is_one_clear_line(tmp_path, compose_config, 
     with pytest.raises(ConfigError, match="found no training run with checkpoints"):
         evaluate(compose_config([f"runs={tmp_path / 'empty'}"], config_name="evaluate"))
     assert snapshot(quickstart_sweep) == before  # refused before anything was sampled or written
+
+
+def test_checkpoints_all_takes_every_step_and_last_only_when_its_step_is_new(tmp_path):
+    from diffusion_lab.evaluation.sweep import RunFolder, select_checkpoints
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    for step in (350, 175, 1050):
+        torch.save({"global_step": step}, folder / f"step_{step:07d}.ckpt")
+    torch.save({"global_step": 1050}, folder / "last.ckpt")
+    torch.save({"global_step": 1050}, folder / "best.ckpt")
+    run = RunFolder(tmp_path / "run")
+    assert [p.name for p in select_checkpoints(run, "all")] == [
+        "step_0000175.ckpt", "step_0000350.ckpt", "step_0001050.ckpt"
+    ]  # fmt: skip
+    torch.save({"global_step": 1200}, folder / "last.ckpt")  # stopped between periodic saves
+    assert select_checkpoints(run, "all")[-1].name == "last.ckpt"
+    assert [p.name for p in select_checkpoints(run, "best")] == ["best.ckpt"]
