@@ -40,6 +40,7 @@ from diffusion_lab.evaluation.sweep import (
     find_runs,
     is_run_folder,
     sampler_grid,
+    saved_step,
     select_checkpoints,
 )
 from diffusion_lab.runs import config_errors, instantiate_group, report_user_errors, resolve_checkpoint
@@ -309,11 +310,10 @@ def evaluate_runs(cfg: DictConfig) -> dict[str, Any]:
 def evaluate_checkpoint(job: Evaluation, run_dir: Path, path: Path, cells: list[dict], summary: dict) -> None:
     cfg = job.cfg
     module = checkpoint = None
+    step = saved_step(path)  # memory-mapped: a fully recorded checkpoint is never loaded
     for settings in cells:
-        if module is None:
-            module, checkpoint = load_module(str(path), use_ema=cfg.use_ema)
         key = {
-            "checkpoint_file": f"{path.parent.name}/{path.name}", "global_step": int(checkpoint["global_step"]),
+            "checkpoint_file": f"{path.parent.name}/{path.name}", "global_step": step,
             "ema": bool(cfg.use_ema), "sampler": settings if job.fidelity else None,
             "num_samples": cfg.num_samples if job.fidelity else None, "seed": cfg.seed if job.fidelity else None,
             "guidance_scale": cfg.guidance_scale if job.fidelity else None,
@@ -324,6 +324,8 @@ def evaluate_checkpoint(job: Evaluation, run_dir: Path, path: Path, cells: list[
             summary["skipped"] += 1
             log.info("already recorded: %s %s %s", run_dir.name, path.name, settings.get("sampler"))
             continue
+        if module is None:
+            module, checkpoint = load_module(str(path), use_ema=cfg.use_ema)
         report = job.score(module=module, checkpoint=checkpoint, checkpoint_path=str(path), settings=settings)
         if report is not None:
             append_record(run_dir, stamped(report))

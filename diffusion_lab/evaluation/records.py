@@ -62,10 +62,16 @@ def append_record(run_dir: Path, record: dict[str, Any]) -> Path:
     path = records_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, sort_keys=True) + "\n"
-    if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+    if path.is_file() and path.stat().st_size and not ends_with_newline(path):
         line = "\n" + line  # a line cut short by a kill stays alone (and unreadable), not glued to this one
     with open(path, "a") as handle:
         handle.write(line)
         handle.flush()
         os.fsync(handle.fileno())
     return path
+
+
+def ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
