@@ -41,7 +41,7 @@ def build_module(cfg: DictConfig, run_config: dict[str, Any] | None = None) -> D
     lr_scheduler = instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None
     schedule = build_schedule(cfg.schedule)
     sampler = sampler_settings(cfg.sampler)
-    check_sampler_settings(schedule.num_train_timesteps, **sampler)
+    check_sampler_settings(schedule, **sampler)
     return DiffusionModule(
         net=instantiate(cfg.model),
         schedule=schedule,

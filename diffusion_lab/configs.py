@@ -39,6 +39,8 @@ class TimestepSpacing(str, Enum):
     leading = "leading"
     linspace = "linspace"
     trailing = "trailing"
+    karras = "karras"
+    log_snr = "log_snr"
 
 
 class VarianceType(str, Enum):
@@ -78,7 +80,9 @@ class LossWeightingConfig:
 
 @dataclass
 class SamplerConfig:
-    """Sampling settings; ``sampler`` ∈ {ddpm, ddim, dpm_solver++}, ``num_steps`` null = every timestep."""
+    """Sampling settings; ``sampler`` ∈ {ddpm, ddim, dpm_solver++, euler, heun, euler_ancestral},
+    ``num_steps`` null = the sampler's default (every timestep for ddpm); ``rho`` shapes ``karras`` spacing;
+    ``s_*`` are EDM's stochastic churn for euler/heun (s_churn = 0: deterministic)."""
 
     sampler: str = "ddim"
     num_steps: int | None = 50
@@ -86,6 +90,11 @@ class SamplerConfig:
     timestep_spacing: TimestepSpacing = TimestepSpacing.trailing
     variance_type: VarianceType = VarianceType.fixed_small
     clip_sample: bool = True
+    rho: float = 7.0
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = float("inf")
+    s_noise: float = 1.0
 
 
 SCHEMAS = {

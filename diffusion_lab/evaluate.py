@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffusion_lab.build import sampler_settings
+from diffusion_lab.build import build_schedule, sampler_settings
 from diffusion_lab.checkpoints import load_module
 from diffusion_lab.configs import plain, register_configs
 from diffusion_lab.data.base import to_model_range
@@ -236,7 +236,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         job.data(checkpoint["diffusion_lab_config"] if checkpoint else None)
         settings = sampler_settings(cfg.sampler)
         if module is not None:
-            check_sampler_settings(module.schedule.num_train_timesteps, **settings)
+            check_sampler_settings(module.schedule, **settings)
         samples = load_samples_npz(cfg.samples) if cfg.samples and job.fidelity else None
 
     output = Path(cfg.output_dir)
@@ -280,9 +280,9 @@ def evaluate_runs(cfg: DictConfig) -> dict[str, Any]:
         )
     cells = sampler_grid(plain(cfg.sampler), plain(cfg.get("grid")))
     for run in usable:  # every grid cell is checked against every run before anything is sampled
-        run_config = OmegaConf.load(run.path / ".hydra" / "config.yaml")
+        schedule = build_schedule(OmegaConf.load(run.path / ".hydra" / "config.yaml").schedule)
         for cell in cells:
-            check_sampler_settings(int(run_config.schedule.num_train_timesteps), **cell)
+            check_sampler_settings(schedule, **cell)
     job = Evaluation(cfg)
     summary: dict[str, Any] = {"evaluated": 0, "skipped": 0, "failed": dict(failed), "records": []}
     started = time.perf_counter()

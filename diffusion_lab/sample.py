@@ -47,7 +47,7 @@ def sample(cfg: DictConfig) -> Path | None:
         module.to(fabric.device)
         labels = resolve_labels(cfg.class_label, cfg.num_samples, module.num_classes)
         settings = sampler_settings(cfg.sampler)
-        check_sampler_settings(module.schedule.num_train_timesteps, **settings)
+        check_sampler_settings(module.schedule, **settings)
     images = draw_samples(
         module,
         fabric,

@@ -13,6 +13,7 @@ import torch
 from lightning.fabric import Fabric
 
 from diffusion_lab.data.base import to_uint8
+from diffusion_lab.diffusion.samplers import DEFAULT_NUM_STEPS, network_calls
 from diffusion_lab.errors import ConfigError
 
 
@@ -96,6 +97,8 @@ def gather_in_seed_order(fabric: Fabric, local: torch.Tensor, num_samples: int, 
 
 
 def nfe_per_sample(sampler: dict[str, Any], num_train_timesteps: int, guidance_scale: float) -> int:
-    """Network evaluations per sample: the number of steps (all T for DDPM by default), twice with guidance."""
-    steps = sampler.get("num_steps") or num_train_timesteps
-    return int(steps) * (2 if guidance_scale else 1)
+    """Network evaluations per sample: one per step (all T for DDPM by default; Heun two per step but the
+    last), twice with guidance."""
+    name = sampler.get("sampler", "ddim")
+    steps = sampler.get("num_steps") or min(DEFAULT_NUM_STEPS.get(name) or num_train_timesteps, num_train_timesteps)
+    return network_calls(name, int(steps)) * (2 if guidance_scale else 1)

@@ -13,15 +13,29 @@ class GaussianDataDenoiser:
     With x_t = √ᾱ x₀ + √(1−ᾱ) ε, the posterior means are E[ε | x_t] = √(1−ᾱ)(x_t − √ᾱ μ)/(ᾱ s² + 1 − ᾱ)
     and E[x₀ | x_t] = μ + √ᾱ s² (x_t − √ᾱ μ)/(ᾱ s² + 1 − ᾱ); a perfect sampler driven by it returns
     samples distributed as N(μ, s²).
+
+    A fractional t (the σ samplers') means the noise level between the trained neighbours that
+    ``sigma_to_timestep`` maps to t: log σ interpolated linearly, ᾱ = 1/(1 + σ²). So the denoiser is exact
+    at every σ a sampler asks for.
     """
 
     def __init__(self, schedule: NoiseSchedule, prediction_type: str, mean: float = 0.3, std: float = 0.5):
         self.alphas_cumprod = schedule.alphas_cumprod
+        self.log_sigmas = (0.5 * (torch.log1p(-self.alphas_cumprod) - torch.log(self.alphas_cumprod))).tolist()
         self.prediction_type = prediction_type
         self.mean, self.std = mean, std
 
+    def alpha_cumprod(self, t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return self.alphas_cumprod[t.cpu()]
+        t = t.detach().cpu().double().clamp(0, len(self.log_sigmas) - 1)
+        low = t.floor().long().clamp(max=len(self.log_sigmas) - 2)
+        log_sigmas = torch.tensor(self.log_sigmas, dtype=torch.float64)
+        log_sigma = log_sigmas[low] + (t - low) * (log_sigmas[low + 1] - log_sigmas[low])
+        return 1.0 / (1.0 + torch.exp(2.0 * log_sigma))
+
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ab = self.alphas_cumprod[t.cpu()].to(x_t).reshape(-1, *([1] * (x_t.ndim - 1)))
+        ab = self.alpha_cumprod(t).to(x_t).reshape(-1, *([1] * (x_t.ndim - 1)))
         centred = x_t - ab.sqrt() * self.mean
         denominator = ab * self.std**2 + 1.0 - ab
         eps = (1.0 - ab).sqrt() * centred / denominator

@@ -1,12 +1,14 @@
 """Samplers: functions of a ``model_fn(x_t, t) -> model_output`` callable, so a trained network, a guided
 wrapper or an analytic test model can all be sampled the same way.
 
-``sample`` is the one entry point; DDPM, DDIM and DPM-Solver++(2M) all walk a respaced chain of the training
-schedule and end on the clean sample.
+``sample`` is the one entry point. DDPM, DDIM and DPM-Solver++(2M) walk a respaced chain of the training
+timesteps; Euler, Heun and Euler-ancestral walk a grid of noise levels σ (``sigmas``). All end on the clean
+sample. ``num_steps`` is always the number of steps; ``network_calls`` says what they cost.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -22,58 +24,124 @@ from diffusion_lab.diffusion.samplers.chain import (
 from diffusion_lab.diffusion.samplers.ddim import ddim_loop
 from diffusion_lab.diffusion.samplers.ddpm import ddpm_loop
 from diffusion_lab.diffusion.samplers.dpm_solver import dpm_solver_2m_loop
+from diffusion_lab.diffusion.samplers.euler import Churn, SigmaChain, euler_ancestral_loop, euler_loop
 from diffusion_lab.diffusion.samplers.guidance import classifier_free_guidance
-from diffusion_lab.diffusion.samplers.timesteps import TIMESTEP_SPACINGS, sampling_timesteps
+from diffusion_lab.diffusion.samplers.sigmas import SIGMA_SPACINGS, sigma_grid, sigma_timesteps, trained_sigmas
+from diffusion_lab.diffusion.samplers.timesteps import GRID_SPACINGS, sampling_timesteps
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 
-SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
-DEFAULT_NUM_STEPS = {"ddpm": None, "ddim": 50, "dpm_solver++": 20}  # None: every training timestep
+CHAIN_SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
+SIGMA_SAMPLERS = ("euler", "heun", "euler_ancestral")
+SAMPLERS = CHAIN_SAMPLERS + SIGMA_SAMPLERS
+# None: every training timestep. Heun's 10 steps are 19 network calls.
+DEFAULT_NUM_STEPS = {"ddpm": None, "ddim": 50, "dpm_solver++": 20, "euler": 20, "heun": 10, "euler_ancestral": 20}
+TIMESTEP_SPACINGS = GRID_SPACINGS + SIGMA_SPACINGS
 
 __all__ = [
+    "CHAIN_SAMPLERS",
     "DEFAULT_NUM_STEPS",
     "SAMPLERS",
+    "SIGMA_SAMPLERS",
     "TIMESTEP_SPACINGS",
     "TrajectoryStep",
     "check_sampler_settings",
     "classifier_free_guidance",
+    "network_calls",
     "sample",
+    "sampler_sigmas",
     "sampler_timesteps",
 ]
 
 
-def sampler_timesteps(sampler: str, num_train_timesteps: int, num_steps: int, spacing: str) -> torch.Tensor:
-    """The descending timesteps ``sampler`` evaluates the network at (diffusers' grid for that sampler)."""
-    return sampling_timesteps(num_train_timesteps, num_steps, spacing, drop_final_point=(sampler == "dpm_solver++"))
+def sampler_timesteps(
+    sampler: str, schedule: NoiseSchedule | int, num_steps: int, spacing: str, rho: float = 7.0
+) -> torch.Tensor:
+    """The descending training timesteps a chain sampler evaluates the network at: diffusers' grid for that
+    sampler, or a σ spacing rounded to the trained timesteps (``schedule`` must then be a NoiseSchedule)."""
+    if spacing in SIGMA_SPACINGS:
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"timestep_spacing={spacing!r} needs the NoiseSchedule, not only its length.")
+        return sigma_timesteps(schedule, num_steps, spacing, rho)
+    T = schedule if isinstance(schedule, int) else schedule.num_train_timesteps
+    return sampling_timesteps(T, num_steps, spacing, drop_final_point=(sampler == "dpm_solver++"))
 
 
-def _check_options(sampler: str, eta: float, variance_type: str) -> None:
+def sampler_sigmas(schedule: NoiseSchedule, num_steps: int, spacing: str, rho: float = 7.0) -> list[float]:
+    """The decreasing σ grid a σ sampler walks, ending at 0: Karras/log-SNR spacing between the trained σ_max
+    and σ_min, or the trained σ at a timestep grid's points (diffusers' Euler/Heun without Karras σ)."""
+    if spacing in SIGMA_SPACINGS:
+        sigmas = sigma_grid(schedule, num_steps, spacing, rho)
+    else:
+        sigmas = trained_sigmas(schedule)[sampling_timesteps(schedule.num_train_timesteps, num_steps, spacing)]
+    return [*sigmas.tolist(), 0.0]
+
+
+def network_calls(sampler: str, num_steps: int) -> int:
+    """Network evaluations per sample (without guidance) for ``num_steps`` steps: Heun's 2nd-order correction
+    costs one more call on every step but the last, which goes to σ = 0."""
+    return 2 * num_steps - 1 if sampler == "heun" else num_steps
+
+
+def _check_options(sampler: str, num_steps: int, eta: float, variance_type: str, churn: Churn, spacing: str) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"Unknown sampler {sampler!r}; valid choices: {', '.join(SAMPLERS)}.")
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"Unknown timestep_spacing {spacing!r}; valid choices: {', '.join(TIMESTEP_SPACINGS)}.")
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta={eta!r} must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise).")
     if eta != 0.0 and sampler != "ddim":
         raise ValueError(f"eta={eta} applies only to sampler='ddim', not {sampler!r}; leave eta=0.")
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"Unknown variance_type {variance_type!r}; valid choices: {', '.join(VARIANCE_TYPES)}.")
+    if sampler == "heun" and num_steps < 2:
+        raise ValueError(
+            f"num_steps={num_steps} is too few for sampler='heun': its only step would go to σ = 0, which is an "
+            "Euler step. Use num_steps >= 2 (each step but the last costs 2 network calls) or sampler=euler."
+        )
+    if churn.s_churn < 0 or not math.isfinite(churn.s_churn):
+        raise ValueError(f"s_churn={churn.s_churn!r} must be a finite number >= 0 (0: the deterministic ODE).")
+    if churn.s_churn > 0 and sampler not in ("euler", "heun"):
+        raise ValueError(f"s_churn={churn.s_churn} applies only to sampler=euler or heun, not {sampler!r}; set 0.")
+    if not 0.0 <= churn.s_tmin <= churn.s_tmax:
+        raise ValueError(
+            f"s_tmin={churn.s_tmin!r}, s_tmax={churn.s_tmax!r}: churn applies to σ in [s_tmin, s_tmax], so they "
+            "need 0 <= s_tmin <= s_tmax (s_tmax may be .inf)."
+        )
+    if not (churn.s_noise > 0 and math.isfinite(churn.s_noise)):
+        raise ValueError(f"s_noise={churn.s_noise!r} must be a positive number (EDM uses 1.0 to 1.007).")
+
+
+def _resolve_num_steps(sampler: str, num_steps: int | None, num_train_timesteps: int) -> int:
+    if num_steps is None:
+        return min(DEFAULT_NUM_STEPS.get(sampler) or num_train_timesteps, num_train_timesteps)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_steps={num_steps!r} must be an integer between 1 and num_train_timesteps={num_train_timesteps}."
+        )
+    return num_steps
 
 
 def check_sampler_settings(
-    num_train_timesteps: int,
+    schedule: NoiseSchedule,
     sampler: str = "ddim",
     num_steps: int | None = None,
     eta: float = 0.0,
     timestep_spacing: str = "trailing",
     variance_type: str = "fixed_small",
     clip_sample: bool | float = False,
+    rho: float = 7.0,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
 ) -> None:
     """Raise the ValueError ``sample`` would, before any sampling starts."""
-    _check_options(sampler, eta, variance_type)
-    steps = (
-        num_steps
-        if num_steps is not None
-        else min(DEFAULT_NUM_STEPS[sampler] or num_train_timesteps, num_train_timesteps)
-    )
-    sampler_timesteps(sampler, num_train_timesteps, steps, timestep_spacing)
+    steps = _resolve_num_steps(sampler, num_steps, schedule.num_train_timesteps)
+    _check_options(sampler, steps, eta, variance_type, Churn(s_churn, s_tmin, s_tmax, s_noise), timestep_spacing)
+    if sampler in SIGMA_SAMPLERS:
+        sampler_sigmas(schedule, steps, timestep_spacing, rho)
+    else:
+        sampler_timesteps(sampler, schedule, steps, timestep_spacing, rho)
 
 
 def sample(
@@ -88,6 +156,11 @@ def sample(
     prediction_type: str = "epsilon",
     variance_type: str = "fixed_small",
     clip_sample: bool | float = False,
+    rho: float = 7.0,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
     generator: Generator = None,
     noise: torch.Tensor | None = None,
     return_trajectory: bool = False,
@@ -96,18 +169,16 @@ def sample(
 ) -> torch.Tensor | tuple[torch.Tensor, list[TrajectoryStep]]:
     """Draw samples by walking the reverse chain from x_T ~ N(0, I) (or the given ``noise``).
 
-    ``num_steps`` defaults to every timestep for ``ddpm``, 50 for ``ddim`` and 20 for ``dpm_solver++``;
-    ``generator`` may be one generator or one per sample (then sample i depends only on generator i).
-    With ``return_trajectory`` also returns, per step, x_t and x̂₀ (on the CPU).
+    ``num_steps`` defaults to every timestep for ``ddpm``, 50 for ``ddim``, 20 for ``dpm_solver++``, ``euler``
+    and ``euler_ancestral`` and 10 for ``heun``; ``rho`` shapes the ``karras`` spacing; ``s_churn``, ``s_tmin``,
+    ``s_tmax``, ``s_noise`` are EDM's churn for euler/heun. ``generator`` may be one generator or one per
+    sample (then sample i depends only on generator i). With ``return_trajectory`` also returns, per network
+    call on the main path, x_t and x̂₀ (on the CPU).
     """
-    _check_options(sampler, eta, variance_type)
     check_prediction_type(prediction_type)
-    T = schedule.num_train_timesteps
-    if num_steps is None:
-        num_steps = DEFAULT_NUM_STEPS[sampler] or T
-        num_steps = min(num_steps, T)
-    timesteps = sampler_timesteps(sampler, T, num_steps, timestep_spacing)
-    chain = SamplingChain.build(schedule, timesteps, prediction_type, record=return_trajectory)
+    num_steps = _resolve_num_steps(sampler, num_steps, schedule.num_train_timesteps)
+    churn = Churn(s_churn, s_tmin, s_tmax, s_noise)
+    _check_options(sampler, num_steps, eta, variance_type, churn, timestep_spacing)
 
     if noise is None:
         if device is None:
@@ -118,13 +189,27 @@ def sample(
             raise ValueError(f"noise has shape {tuple(noise.shape)} but shape={tuple(shape)} was asked for.")
         x = noise.to(device=device or noise.device, dtype=dtype)
 
-    with torch.no_grad():
-        if sampler == "ddpm":
-            x = ddpm_loop(model_fn, chain, x, variance_type=variance_type, clip_sample=clip_sample, generator=generator)
-        elif sampler == "ddim":
-            x = ddim_loop(model_fn, chain, x, eta=eta, clip_sample=clip_sample, generator=generator)
-        else:
-            x = dpm_solver_2m_loop(model_fn, chain, x, clip_sample=clip_sample)
+    if sampler in SIGMA_SAMPLERS:
+        sigmas = sampler_sigmas(schedule, num_steps, timestep_spacing, rho)
+        chain = SigmaChain(schedule, sigmas, prediction_type, clip_sample, [] if return_trajectory else None)
+        with torch.no_grad():
+            x = chain.start(x)
+            if sampler == "euler_ancestral":
+                x = euler_ancestral_loop(model_fn, chain, x, generator=generator)
+            else:
+                x = euler_loop(model_fn, chain, x, second_order=(sampler == "heun"), churn=churn, generator=generator)
+    else:
+        timesteps = sampler_timesteps(sampler, schedule, num_steps, timestep_spacing, rho)
+        chain = SamplingChain.build(schedule, timesteps, prediction_type, record=return_trajectory)
+        with torch.no_grad():
+            if sampler == "ddpm":
+                x = ddpm_loop(
+                    model_fn, chain, x, variance_type=variance_type, clip_sample=clip_sample, generator=generator
+                )
+            elif sampler == "ddim":
+                x = ddim_loop(model_fn, chain, x, eta=eta, clip_sample=clip_sample, generator=generator)
+            else:
+                x = dpm_solver_2m_loop(model_fn, chain, x, clip_sample=clip_sample)
     if return_trajectory:
         return x, chain.trajectory
     return x

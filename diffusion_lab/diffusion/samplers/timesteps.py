@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+GRID_SPACINGS = ("leading", "linspace", "trailing")
 
 
 def _grid(num_train_timesteps: int, num_points: int, spacing: str) -> np.ndarray:
@@ -35,8 +35,8 @@ def sampling_timesteps(
     ``drop_final_point`` lays linspace/leading grids over ``num_steps + 1`` points and drops the last, as
     diffusers' DPM-Solver does.
     """
-    if spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(f"Unknown timestep_spacing {spacing!r}; valid choices: {', '.join(TIMESTEP_SPACINGS)}.")
+    if spacing not in GRID_SPACINGS:
+        raise ValueError(f"Unknown timestep_spacing {spacing!r}; valid choices: {', '.join(GRID_SPACINGS)}.")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(
             f"num_steps={num_steps!r} must be an integer between 1 and num_train_timesteps={num_train_timesteps}."
