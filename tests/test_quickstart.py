@@ -50,8 +50,8 @@ def test_class_conditional_quickstart_samples_the_requested_digit(tmp_path, comp
     from diffusion_lab.train import train
 
     run = tmp_path / "run"
-    overrides = ["experiment=quickstart", "model.num_classes=${data.num_classes}", "trainer.max_steps=150",
-                 "trainer.val_check_interval=150", "callbacks.sample_grid=null", "print_config=false",
+    overrides = ["experiment=quickstart", "model.num_classes=${data.num_classes}", "trainer.max_steps=100",
+                 "trainer.val_check_interval=100", "callbacks.sample_grid=null", "print_config=false",
                  "callbacks.progress_bar=null", "callbacks.model_summary=null"]  # fmt: skip
     train(compose_config(overrides, run_dir=run))
     asked = list(range(10)) * 10

@@ -6,6 +6,7 @@ import json
 import re
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -237,3 +238,57 @@ def test_checkpoints_all_takes_every_step_and_last_only_when_its_step_is_new(tmp
     torch.save({"global_step": 1200}, folder / "last.ckpt")  # stopped between periodic saves
     assert select_checkpoints(run, "all")[-1].name == "last.ckpt"
     assert [p.name for p in select_checkpoints(run, "best")] == ["best.ckpt"]
+
+
+def test_a_record_from_before_the_sigma_sampler_settings_is_the_same_measurement(tmp_path):
+    """Records written before rho/s_churn/… existed lack them; at their defaults they are the same measurement
+    (not redone), with churn they are not."""
+    from diffusion_lab.evaluation.records import append_record, done_metrics
+
+    old = {"sampler": "ddim", "num_steps": 10, "eta": 0.0, "timestep_spacing": "trailing", "clip_sample": True}
+    base = {"checkpoint_file": "last.ckpt", "global_step": 10, "ema": True, "num_samples": 4, "seed": 0}
+    append_record(tmp_path, {"protocol": {**base, "sampler": old}, "requested": ["fid"], "metrics": {"fid": 1.0}})
+    new = {**old, "rho": 7.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
+    assert done_metrics(tmp_path, {**base, "sampler": new}) == {"fid"}
+    assert done_metrics(tmp_path, {**base, "sampler": {**new, "s_churn": 5.0}}) == set()
+    assert done_metrics(tmp_path, {**base, "sampler": {**new, "timestep_spacing": "karras"}}) == set()
+
+
+def test_the_sampler_grid_crosses_samplers_spacings_and_steps():
+    from diffusion_lab.evaluation.sweep import sampler_grid
+
+    cells = sampler_grid(
+        {}, {"sampler": ["euler", "heun"], "timestep_spacing": ["karras", "trailing"], "num_steps": [3, 6]}
+    )
+    assert [(c["sampler"], c["timestep_spacing"], c["num_steps"]) for c in cells] == [
+        (s, spacing, n) for s in ("euler", "heun") for spacing in ("karras", "trailing") for n in (3, 6)
+    ]
+    assert all(c["rho"] == 7.0 and c["s_churn"] == 0.0 for c in cells)  # the rest from conf/sampler/<name>.yaml
+    base = {"sampler": "ddim", "num_steps": 50, "timestep_spacing": "trailing"}
+    assert sampler_grid(base, {"timestep_spacing": ["log_snr"]}) == [{**base, "timestep_spacing": "log_snr"}]
+
+
+def test_one_checkpoint_scored_by_several_samplers_is_one_panel_of_lines(tmp_path):
+    """The sampler comparison figure: with a single group of runs, every sampler (and σ spacing) is a line of
+    FID against network calls in one panel."""
+    from diffusion_lab.reporting.figures import fid_against_nfe
+    from diffusion_lab.reporting.runs import sampler_label
+    from diffusion_lab.reporting.tables import Group
+
+    one_run = SimpleNamespace(
+        final_evaluations=[
+            {"protocol": {"sampler": {"sampler": name, "timestep_spacing": spacing}, "nfe_per_sample": nfe},
+             "metrics": {"fid": fid}}
+            for name, spacing, nfe, fid in [("heun", "karras", 5, 30.0), ("heun", "karras", 19, 10.0),
+                                            ("ddim", "trailing", 5, 40.0), ("ddim", "trailing", 20, 12.0)]
+        ]
+    )  # fmt: skip
+
+    assert sampler_label({"sampler": {"sampler": "heun", "timestep_spacing": "karras"}, "nfe_per_sample": 19}) == (
+        "heun/karras·19"
+    )
+    assert sampler_label({"sampler": {"sampler": "dpm_solver++", "timestep_spacing": "trailing"}}) == "dpm++"
+    path = fid_against_nfe([Group(settings={}, runs=[one_run])], tmp_path / "nfe.png")
+    import matplotlib.image
+
+    assert path is not None and matplotlib.image.imread(path).shape[1] < 1100  # one panel, not two

@@ -20,9 +20,21 @@ def sample_cli(checkpoint: Path, out: Path, *extra: str):
     )
 
 
-def test_sample_writes_npz_and_grid(checkpoint, tmp_path):
-    result = sample_cli(checkpoint, tmp_path / "s", "num_samples=12", "batch_size=5")
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.fixture
+def sample_in_process(compose_config, checkpoint):
+    """sample_in_process(out, *overrides): the sample job as the CLI runs it, without a new interpreter (the
+    CLI itself is exercised by the DDP and missing-checkpoint cases)."""
+    from diffusion_lab.sample import sample
+
+    def run(out: Path, *extra: str) -> Path:
+        overrides = [f"ckpt_path={checkpoint}", "sampler.num_steps=10", *extra]
+        return sample(compose_config(overrides, run_dir=out, config_name="sample"))
+
+    return run
+
+
+def test_sample_writes_npz_and_grid(sample_in_process, tmp_path):
+    sample_in_process(tmp_path / "s", "num_samples=12", "batch_size=5")
     with np.load(tmp_path / "s" / "samples.npz") as archive:
         images = archive["arr_0"]
     assert images.shape == (12, 8, 8, 1) and images.dtype == np.uint8
@@ -31,29 +43,25 @@ def test_sample_writes_npz_and_grid(checkpoint, tmp_path):
     assert grid.size == (3 * 34 + 2, 4 * 34 + 2)  # 12 tiles of 32 px, 3 per row
 
 
-def test_samples_do_not_depend_on_batch_size_or_devices(checkpoint, tmp_path):
-    runs = {
-        "one": ("batch_size=7",),
-        "other": ("batch_size=3",),
-        "ddp": ("batch_size=4", "accelerator=cpu", "devices=2"),
-    }
+def test_samples_do_not_depend_on_batch_size_or_devices(checkpoint, sample_in_process, tmp_path):
+    sample_in_process(tmp_path / "one", "num_samples=10", "seed=3", "batch_size=7")
+    sample_in_process(tmp_path / "other", "num_samples=10", "seed=3", "batch_size=3")
+    ddp = sample_cli(checkpoint, tmp_path / "ddp", "num_samples=10", "seed=3", "batch_size=4", "accelerator=cpu",
+                     "devices=2")  # fmt: skip
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
     arrays = {}
-    for name, extra in runs.items():
-        result = sample_cli(checkpoint, tmp_path / name, "num_samples=10", "seed=3", *extra)
-        assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("one", "other", "ddp"):
         with np.load(tmp_path / name / "samples.npz") as archive:
             arrays[name] = archive["arr_0"]
     assert np.array_equal(arrays["one"], arrays["other"])
     assert np.array_equal(arrays["one"], arrays["ddp"])
-    shifted = sample_cli(checkpoint, tmp_path / "shift", "num_samples=10", "seed=4")
-    assert shifted.returncode == 0
+    sample_in_process(tmp_path / "shift", "num_samples=10", "seed=4")
     with np.load(tmp_path / "shift" / "samples.npz") as archive:
         assert np.array_equal(archive["arr_0"][:9], arrays["one"][1:])  # sample i is seed + i
 
 
-def test_trajectory_figure_and_gif(checkpoint, tmp_path):
-    result = sample_cli(checkpoint, tmp_path / "t", "num_samples=4", "trajectory=true")
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_trajectory_figure_and_gif(sample_in_process, tmp_path):
+    sample_in_process(tmp_path / "t", "num_samples=4", "trajectory=true")
     figure = Image.open(tmp_path / "t" / "trajectory.png")
     assert figure.size[0] > 600 and figure.size[1] > 600
     gif = Image.open(tmp_path / "t" / "trajectory.gif")
@@ -89,13 +97,19 @@ def test_bad_sampling_requests_end_in_one_clear_line(checkpoint, tmp_path, extra
     assert re.search(message, error) and error.strip().startswith("Error:"), error[-2000:]
 
 
-def test_a_missing_or_corrupt_checkpoint_is_a_clear_error(checkpoint, tmp_path):
-    missing = sample_cli(tmp_path / "nope.ckpt", tmp_path / "m")
+def test_a_missing_or_corrupt_checkpoint_is_a_clear_error(checkpoint, tmp_path, compose_config, capsys):
+    from diffusion_lab.runs import report_user_errors
+    from diffusion_lab.sample import sample
+
+    missing = sample_cli(tmp_path / "nope.ckpt", tmp_path / "m")  # the sample CLI's real error path
     assert missing.returncode == 1 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
     corrupt = tmp_path / "half.ckpt"
     corrupt.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
-    result = sample_cli(corrupt, tmp_path / "c")
-    assert result.returncode == 1 and "truncated or corrupt" in result.stderr and "Traceback" not in result.stderr
+    cfg = compose_config([f"ckpt_path={corrupt}"], run_dir=tmp_path / "c", config_name="sample")
+    with pytest.raises(SystemExit) as exit_info:
+        report_user_errors(sample, cfg)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "truncated or corrupt" in error and "Traceback" not in error
 
 
 def evaluate_cli(out: Path, *args: str, env_extra=None):
@@ -109,23 +123,23 @@ def test_fid_and_kid_with_the_real_inception_and_a_cached_reference(
 ):
     cache = Path(os.environ["DIFFUSION_LAB_CACHE_DIR"]) / "fidelity"  # shared by the session's evaluations
     first = evaluate_cli(
-        tmp_path / "e1", f"ckpt_path={checkpoint}", "num_samples=60", "sampler.num_steps=10", "metrics=[fid,kid]",
+        tmp_path / "e1", f"ckpt_path={checkpoint}", "num_samples=30", "sampler.num_steps=10", "metrics=[fid,kid]",
     )  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((tmp_path / "e1" / "metrics.json").read_text())
     metrics, protocol = report["metrics"], report["protocol"]
     assert metrics["fid"] > 0 and np.isfinite(metrics["fid"]) and np.isfinite(metrics["kid_mean"])
-    assert protocol["num_samples"] == 60 and protocol["num_reference"] == 180 and protocol["dataset"] == "digits"
+    assert protocol["num_samples"] == 30 and protocol["num_reference"] == 180 and protocol["dataset"] == "digits"
     assert protocol["nfe_per_sample"] == 10 and protocol["ema"] is True and protocol["global_step"] == 10
     assert protocol["feature_extractor"] == "inception-v3-compat" and protocol["seed"] == 0
     cached = {p.name for p in cache.iterdir()}
     assert {
         "diffusion_lab-digits-val-1x8x8-n180-inception-v3-compat-features-2048.pt",
         "diffusion_lab-digits-val-1x8x8-n180-inception-v3-compat-stat-fid-2048.pt",
-        "diffusion_lab-digits-val-1x8x8-n180-floor-train-n60.json",  # the real-data floor, at the same N
+        "diffusion_lab-digits-val-1x8x8-n180-floor-train-n30.json",  # the real-data floor, at the same N
     } <= cached
     floor = protocol["real_data_floor"]
-    assert floor["n"] == 60 and floor["split"] == "train" and 0 < floor["fid"] < metrics["fid"]
+    assert floor["n"] == 30 and floor["split"] == "train" and 0 < floor["fid"] < metrics["fid"]
     # Second time: the same samples from their npz; the reference must come from the cache, never re-read.
     from diffusion_lab import evaluate
 

@@ -42,8 +42,16 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+# Sampler settings added after records were first written, at the values that leave the samplers as they were:
+# a record that lacks them and one that holds these defaults are the same measurement.
+SAMPLER_DEFAULTS = {"rho": 7.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
+
+
 def record_key(protocol: dict[str, Any]) -> str:
-    return json.dumps({field: protocol.get(field) for field in KEY_FIELDS}, sort_keys=True)
+    key = {field: protocol.get(field) for field in KEY_FIELDS}
+    if isinstance(key["sampler"], dict):
+        key["sampler"] = {k: v for k, v in key["sampler"].items() if SAMPLER_DEFAULTS.get(k, object()) != v}
+    return json.dumps(key, sort_keys=True)
 
 
 def done_metrics(run_dir: Path, protocol: dict[str, Any]) -> set[str]:

@@ -113,15 +113,18 @@ def sampler_option(name: str) -> dict[str, Any]:
 
 
 def sampler_grid(base: dict[str, Any], grid: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The sampler settings of every grid cell: ``grid.sampler`` × ``grid.num_steps`` (each may be empty, which
-    keeps the job's ``sampler``); every cell is checked before anything is sampled."""
+    """The sampler settings of every grid cell: ``grid.sampler`` × ``grid.timestep_spacing`` × ``grid.num_steps``
+    (each may be empty, which keeps the job's ``sampler``); every cell is checked before anything is sampled."""
     grid = grid or {}
     names = list(grid.get("sampler") or [])
+    spacings = list(grid.get("timestep_spacing") or [])
     steps = list(grid.get("num_steps") or [])
     bases = [sampler_option(name) for name in names] or [dict(base)]
     cells = []
-    for settings, num_steps in itertools.product(bases, steps or [None]):
+    for settings, spacing, num_steps in itertools.product(bases, spacings or [None], steps or [None]):
         cell = dict(settings)
+        if spacing is not None:
+            cell["timestep_spacing"] = str(spacing)
         if num_steps is not None:
             cell["num_steps"] = int(num_steps)
         if cell not in cells:

@@ -128,8 +128,9 @@ def fid_against_step(runs: list[Run], path: Path) -> Path | None:
 
 
 def fid_against_nfe(groups: list[Group], path: Path) -> Path | None:
-    """FID at the final checkpoint against network calls per sample, one panel per sampler, one line per
-    group (mean ± std over seeds), the real-data floor dashed."""
+    """FID at the final checkpoint against network calls per sample, the real-data floor dashed. Several groups
+    of runs: one panel per sampler, one line per group (mean ± std over seeds). One group: the samplers side by
+    side, one line each, in one panel."""
     points = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # sampler → group → nfe → [fid]
     floors = []
     for g, group in enumerate(groups):
@@ -144,22 +145,30 @@ def fid_against_nfe(groups: list[Group], path: Path) -> Path | None:
     if not points or not any(len(nfes) > 1 for by_group in points.values() for nfes in by_group.values()):
         return None
     samplers = sorted(points)
-    fig, axes = plt.subplots(1, len(samplers), figsize=(5.5 * len(samplers), 4.2), squeeze=False, sharey=True)
-    for ax, sampler in zip(axes[0], samplers, strict=True):
-        for g, by_nfe in sorted(points[sampler].items()):
+    if len(groups) == 1:  # one panel: every sampler's line
+        panels = [("samplers", {i: points[name][0] for i, name in enumerate(samplers)}, samplers)]
+    else:
+        panels = [(name, points[name], None) for name in samplers]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + (2 if len(groups) == 1 else 0), 4.2),
+                             squeeze=False, sharey=True)  # fmt: skip
+    for ax, (title, lines, line_names) in zip(axes[0], panels, strict=True):
+        for key, by_nfe in sorted(lines.items()):
             nfes = sorted(by_nfe)
             stats = [mean_std(by_nfe[n]) for n in nfes]
-            label = " ".join(f"{k}={v}" for k, v in groups[g].settings.items()) or "all runs"
+            if line_names is None:
+                label = " ".join(f"{k}={v}" for k, v in groups[key].settings.items()) or "all runs"
+            else:
+                label = line_names[key]
             ax.errorbar(nfes, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", markersize=3,
-                        capsize=3, color=_colour(g), label=f"{label} (n={stats[0][2]})")  # fmt: skip
+                        capsize=3, color=_colour(key), label=f"{label} (n={stats[0][2]})")  # fmt: skip
         if floors:
             ax.axhline(min(floors), color="grey", linestyle="--", linewidth=1, label="real-data floor")
-        ax.set(title=f"{sampler}: FID against network calls", xlabel="network calls per sample (NFE)", xscale="log",
+        ax.set(title=f"{title}: FID against network calls", xlabel="network calls per sample (NFE)", xscale="log",
                ylabel="FID (mean ± std over seeds)")  # fmt: skip
-        ax.set_xticks(sorted({n for by_nfe in points[sampler].values() for n in by_nfe}))
+        ax.set_xticks(sorted({n for by_nfe in lines.values() for n in by_nfe}))
         _plain_numbers(ax, "x")
         ax.grid(alpha=0.3, which="both")
-        _legend(ax, len(points[sampler]))
+        _legend(ax, len(lines))
     return _save(fig, path)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from diffusion_lab.diffusion.samplers.sigmas import SIGMA_SPACINGS
 from diffusion_lab.evaluation.records import read_records
 from diffusion_lab.evaluation.sweep import last_error_line
 
@@ -86,9 +87,12 @@ def _bucket(key: str) -> int:
 
 
 def sampler_label(protocol: dict[str, Any]) -> str:
-    """'ddim·20' — the sampler and its network calls per sample."""
+    """'ddim·20', 'heun/karras·19' — the sampler, a σ spacing when it walks one, and its network calls per
+    sample."""
     sampler = protocol.get("sampler") or {}
     name = {"dpm_solver++": "dpm++"}.get(sampler.get("sampler"), sampler.get("sampler") or "samples")
+    if sampler.get("timestep_spacing") in SIGMA_SPACINGS:
+        name = f"{name}/{sampler['timestep_spacing']}"
     nfe = protocol.get("nfe_per_sample")
     return f"{name}·{nfe}" if nfe else name
 
