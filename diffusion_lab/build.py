@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.configs import plain
 from diffusion_lab.diffusion import LossWeighting, NoiseSchedule, make_loss_weighting, make_schedule
-from diffusion_lab.diffusion.samplers import SAMPLERS, check_sampler_settings
+from diffusion_lab.diffusion.samplers import SAMPLERS, check_sampler_settings, resolve_variance_type
 from diffusion_lab.lit import DiffusionModule
 
 
@@ -42,10 +42,17 @@ def build_module(cfg: DictConfig, run_config: dict[str, Any] | None = None) -> D
     schedule = build_schedule(cfg.schedule)
     sampler = sampler_settings(cfg.sampler)
     check_sampler_settings(schedule, **sampler)
+    objective = plain(cfg.objective)
+    learned_variance = bool(objective.get("learned_variance", False))
+    resolve_variance_type(sampler, learned_variance)  # learned_range without objective=hybrid: refused up front
+    # A learned variance doubles the output: the prediction and v (Nichol & Dhariwal's interpolation weight).
+    net = instantiate(cfg.model, out_channels=2 * cfg.model.in_channels) if learned_variance else instantiate(cfg.model)
     return DiffusionModule(
-        net=instantiate(cfg.model),
+        net=net,
         schedule=schedule,
-        prediction_type=plain(cfg.objective)["prediction_type"],
+        prediction_type=objective["prediction_type"],
+        learned_variance=learned_variance,
+        vlb_weight=float(objective.get("vlb_weight", 0.001)),
         loss_weighting=build_loss_weighting(cfg.loss_weighting),
         optimizer=instantiate(cfg.optimizer),
         lr_scheduler=lr_scheduler,

@@ -46,6 +46,7 @@ class TimestepSpacing(str, Enum):
 class VarianceType(str, Enum):
     fixed_small = "fixed_small"
     fixed_large = "fixed_large"
+    learned_range = "learned_range"
 
 
 @dataclass
@@ -64,9 +65,12 @@ class ScheduleConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """What the network predicts."""
+    """What the network predicts; ``learned_variance`` adds Nichol & Dhariwal's variance output and trains it
+    with the hybrid objective L_simple + vlb_weight · L_vlb."""
 
     prediction_type: PredictionType = PredictionType.epsilon
+    learned_variance: bool = False
+    vlb_weight: float = 0.001
 
 
 @dataclass
@@ -88,9 +92,10 @@ class SamplerConfig:
     num_steps: int | None = 50
     eta: float = 0.0
     timestep_spacing: TimestepSpacing = TimestepSpacing.trailing
-    variance_type: VarianceType = VarianceType.fixed_small
+    variance_type: VarianceType | None = None  # DDPM's σ²; null: the model's own (learned_range or fixed_small)
     clip_sample: bool = True
     rho: float = 7.0
+    sigma_max: float | None = None  # where karras/log_snr grids start; null: the trained σ(T−1)
     s_churn: float = 0.0
     s_tmin: float = 0.0
     s_tmax: float = float("inf")

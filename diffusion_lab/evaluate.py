@@ -24,7 +24,8 @@ from diffusion_lab.build import build_schedule, sampler_settings
 from diffusion_lab.checkpoints import load_module
 from diffusion_lab.configs import plain, register_configs
 from diffusion_lab.data.base import to_model_range
-from diffusion_lab.diffusion.samplers import check_sampler_settings
+from diffusion_lab.diffusion.process import split_learned_variance
+from diffusion_lab.diffusion.samplers import check_sampler_settings, resolve_variance_type
 from diffusion_lab.errors import CheckpointError, ConfigError
 from diffusion_lab.evaluation import (
     FIDELITY_METRICS,
@@ -237,6 +238,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         settings = sampler_settings(cfg.sampler)
         if module is not None:
             check_sampler_settings(module.schedule, **settings)
+            settings = module.resolve_sampler_settings(**settings)
         samples = load_samples_npz(cfg.samples) if cfg.samples and job.fidelity else None
 
     output = Path(cfg.output_dir)
@@ -311,7 +313,8 @@ def evaluate_checkpoint(job: Evaluation, run_dir: Path, path: Path, cells: list[
     cfg = job.cfg
     module = checkpoint = None
     step = saved_step(path)  # memory-mapped: a fully recorded checkpoint is never loaded
-    for settings in cells:
+    learned_variance = bool(OmegaConf.load(run_dir / ".hydra" / "config.yaml").objective.get("learned_variance"))
+    for settings in (resolve_variance_type(cell, learned_variance) for cell in cells):
         key = {
             "checkpoint_file": f"{path.parent.name}/{path.name}", "global_step": step,
             "ema": bool(cfg.use_ema), "sampler": settings if job.fidelity else None,
@@ -346,18 +349,22 @@ def held_out_nll(module, reference: torch.Tensor, cfg: DictConfig, device, proto
             return net(x_t, t, torch.full((x_t.shape[0],), module.null_label, device=x_t.device))
         return net(x_t, t)
 
+    variance_type = resolve_variance_type(
+        {"sampler": "ddpm", "variance_type": cfg.nll.variance_type}, module.learned_variance
+    )["variance_type"]
+    if module.learned_variance and variance_type != "learned_range":  # the bound with a fixed σ²: the mean only
+        full_model_fn = model_fn
+        model_fn = lambda x_t, t: split_learned_variance(full_model_fn(x_t, t))[0]  # noqa: E731
     generator = torch.Generator().manual_seed(cfg.seed)
     totals = []
     start = time.perf_counter()
     for begin in range(0, count, cfg.nll.batch_size):
         x0 = to_model_range(reference[begin : min(begin + cfg.nll.batch_size, count)].to(device))
-        bits = nll_bits_per_dim(
-            model_fn, module.diffusion, x0, variance_type=cfg.nll.variance_type, generator=generator
-        )
+        bits = nll_bits_per_dim(model_fn, module.diffusion, x0, variance_type=variance_type, generator=generator)
         totals.append(bits["total"].cpu())
     values = torch.cat(totals)
     protocol.update(
-        nll_images=count, nll_variance_type=cfg.nll.variance_type, nll_seconds=round(time.perf_counter() - start, 1)
+        nll_images=count, nll_variance_type=variance_type, nll_seconds=round(time.perf_counter() - start, 1)
     )
     return {"nll_bpd": float(values.mean()), "nll_bpd_stderr": float(values.std() / max(len(values), 1) ** 0.5)}
 

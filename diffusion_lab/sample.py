@@ -48,6 +48,7 @@ def sample(cfg: DictConfig) -> Path | None:
         labels = resolve_labels(cfg.class_label, cfg.num_samples, module.num_classes)
         settings = sampler_settings(cfg.sampler)
         check_sampler_settings(module.schedule, **settings)
+        settings = module.resolve_sampler_settings(**settings)
     images = draw_samples(
         module,
         fabric,

@@ -302,3 +302,17 @@ def test_bad_sigma_sampler_settings_are_one_clear_error(settings, message):
     with pytest.raises(ValueError, match=message):
         model = GaussianDataDenoiser(schedule, "epsilon")
         sample(model, schedule, (1, 1, 2, 2), **{"timestep_spacing": "karras", **settings})
+
+
+def test_sigma_max_caps_where_a_sigma_spacing_starts():
+    """EDM starts at σ_max = 80; a cosine schedule's own σ(T−1) ≈ 2·10⁴ would spend Karras steps far above any
+    data scale (and make Heun's trapezoid overshoot on the first steps)."""
+    schedule = make_schedule("cosine", 1000)
+    capped = sigma_grid(schedule, 8, "karras", sigma_max=80.0)
+    assert capped[0].item() == pytest.approx(80.0) and capped[-1].item() == pytest.approx(
+        trained_sigmas(schedule)[0].item()
+    )
+    assert sigma_grid(schedule, 8, "karras", sigma_max=1e9)[0].item() == pytest.approx(trained_sigmas(schedule)[-1])
+    assert sampler_sigmas(schedule, 8, "log_snr", sigma_max=80.0)[0] == pytest.approx(80.0)
+    with pytest.raises(ValueError, match=r"sigma_max=0.001 must be a number above the schedule's σ_min"):
+        sigma_grid(schedule, 8, "karras", sigma_max=1e-3)

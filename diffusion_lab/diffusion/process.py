@@ -12,7 +12,20 @@ import torch
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
+FIXED_VARIANCE_TYPES = ("fixed_small", "fixed_large")
+
+
+def split_learned_variance(model_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A learned-variance network's output: the first half of the channels is the usual prediction (ε, x₀ or
+    v), the second half v ∈ [−1, 1] interpolating the log-variance (Nichol & Dhariwal 2021, eq. 15)."""
+    channels = model_output.shape[1]
+    if channels % 2:
+        raise ValueError(
+            f"a learned-variance model must output twice the image channels (prediction and variance), got "
+            f"{channels}; train it with objective=hybrid."
+        )
+    return model_output[:, : channels // 2], model_output[:, channels // 2 :]
 
 
 def check_prediction_type(prediction_type: str) -> None:
@@ -61,6 +74,7 @@ class GaussianDiffusion:
                 if posterior_variance.numel() > 1
                 else betas
             ),
+            "log_betas": torch.log(betas),
             # fixed_large's σ² = β_t, likewise with β̃_1 at t = 0 (Nichol & Dhariwal's convention for the NLL).
             "fixed_large_log_variance": torch.log(
                 torch.cat([posterior_variance[1:2], betas[1:]]) if posterior_variance.numel() > 1 else betas
@@ -172,23 +186,45 @@ class GaussianDiffusion:
         """Mean and variance of p_θ(x_{t-1} | x_t).
 
         The mean is the posterior mean at x̂₀; for ε-prediction without clipping it equals
-        μ_θ = (x_t - β_t/√(1-ᾱ_t) ε̂)/√α_t. The variance is fixed: β̃_t (``fixed_small``) or β_t
-        (``fixed_large``), Ho et al.'s two choices. ``clip_sample`` clamps x̂₀ to [-c, c] (c = 1 for True).
+        μ_θ = (x_t - β_t/√(1-ᾱ_t) ε̂)/√α_t. The variance is fixed — β̃_t (``fixed_small``) or β_t
+        (``fixed_large``), Ho et al.'s two choices — or ``learned_range``: the output then carries a second half
+        of channels v and log σ² = (v+1)/2 · log β_t + (1 − (v+1)/2) · log β̃_t (Nichol & Dhariwal). On a
+        respaced chain β_t and β̃_t are the respaced schedule's own. ``clip_sample`` clamps x̂₀ to [-c, c].
         """
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"Unknown variance_type {variance_type!r}; valid choices: {', '.join(VARIANCE_TYPES)}.")
+        log_variance = self.p_log_variance(t, x_t, variance_type, model_output)
+        if variance_type == "learned_range":
+            model_output = split_learned_variance(model_output)[0]
         x0 = clamp_x0(self.predict_x0(x_t, t, model_output), clip_sample)
         mean, posterior_variance = self.q_posterior(x0, x_t, t)
         if variance_type == "fixed_small":
             return mean, posterior_variance
-        return mean, self.coefficient("betas", t, x_t).expand_as(x_t)
+        if variance_type == "fixed_large":
+            return mean, self.coefficient("betas", t, x_t).expand_as(x_t)
+        return mean, log_variance.exp()
 
-    def p_log_variance(self, t: torch.Tensor, like: torch.Tensor, variance_type: str = "fixed_small") -> torch.Tensor:
-        """log σ_t² of p_θ(x_{t−1} | x_t), finite at t = 0 (β̃_1 stands in for β̃_0 = 0): what likelihoods use."""
+    def p_log_variance(
+        self,
+        t: torch.Tensor,
+        like: torch.Tensor,
+        variance_type: str = "fixed_small",
+        model_output: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """log σ_t² of p_θ(x_{t−1} | x_t), finite at t = 0 (β̃_1 stands in for β̃_0 = 0): what likelihoods use.
+        ``learned_range`` reads v from ``model_output``'s second half of channels."""
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"Unknown variance_type {variance_type!r}; valid choices: {', '.join(VARIANCE_TYPES)}.")
-        name = "posterior_log_variance_clipped" if variance_type == "fixed_small" else "fixed_large_log_variance"
-        return self.coefficient(name, t, like)
+        if variance_type == "fixed_small":
+            return self.coefficient("posterior_log_variance_clipped", t, like)
+        if variance_type == "fixed_large":
+            return self.coefficient("fixed_large_log_variance", t, like)
+        if model_output is None:
+            raise ValueError("variance_type='learned_range' needs the model output that holds the variance.")
+        fraction = (split_learned_variance(model_output)[1] + 1.0) / 2.0
+        min_log = self.coefficient("posterior_log_variance_clipped", t, like)
+        max_log = self.coefficient("log_betas", t, like)
+        return fraction * max_log + (1.0 - fraction) * min_log
 
 
 def clamp_x0(x0: torch.Tensor, clip_sample: bool | float) -> torch.Tensor:

@@ -44,7 +44,14 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
 
 # Sampler settings added after records were first written, at the values that leave the samplers as they were:
 # a record that lacks them and one that holds these defaults are the same measurement.
-SAMPLER_DEFAULTS = {"rho": 7.0, "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
+SAMPLER_DEFAULTS = {
+    "rho": 7.0,
+    "sigma_max": None,
+    "s_churn": 0.0,
+    "s_tmin": 0.0,
+    "s_tmax": float("inf"),
+    "s_noise": 1.0,
+}
 
 
 def record_key(protocol: dict[str, Any]) -> str:

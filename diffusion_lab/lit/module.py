@@ -14,7 +14,9 @@ from torchmetrics import MeanMetric
 
 from diffusion_lab.callbacks.ema import find_ema
 from diffusion_lab.diffusion import GaussianDiffusion, LossWeighting, NoiseSchedule, classifier_free_guidance
-from diffusion_lab.diffusion.samplers import TrajectoryStep, sample
+from diffusion_lab.diffusion.likelihood import vlb_term
+from diffusion_lab.diffusion.process import split_learned_variance
+from diffusion_lab.diffusion.samplers import TrajectoryStep, resolve_variance_type, sample
 from diffusion_lab.lit.nonfinite import NonFiniteGuard, all_finite
 from diffusion_lab.lit.rng import capture_rng_state, restore_rng_state
 
@@ -23,7 +25,7 @@ SAMPLER_DEFAULTS: dict[str, Any] = {
     "num_steps": 50,
     "eta": 0.0,
     "timestep_spacing": "trailing",
-    "variance_type": "fixed_small",
+    "variance_type": None,  # the model's own: learned_range if it learned its variance, else fixed_small
     "clip_sample": True,
 }
 
@@ -36,6 +38,10 @@ class DiffusionModule(L.LightningModule):
         schedule: the noise schedule of the forward process.
         prediction_type: ``epsilon``, ``sample`` or ``v_prediction``.
         loss_weighting: λ(t) on each sample's MSE.
+        learned_variance: the network also outputs v for σ² = exp((v+1)/2 log β_t + (1−(v+1)/2) log β̃_t)
+            (Nichol & Dhariwal; output channels doubled), trained by the hybrid objective
+            L_simple + vlb_weight · T · L_t with the mean's gradient stopped in L_t.
+        vlb_weight: λ of the hybrid objective (0.001 in improved-diffusion).
         optimizer / lr_scheduler: factories (Hydra ``_partial_`` configs) given the parameters / optimiser.
         sampler: default sampling settings (sampler, num_steps, eta, timestep_spacing, variance_type,
             clip_sample) for sample grids and ``generate``.
@@ -56,6 +62,9 @@ class DiffusionModule(L.LightningModule):
         prediction_type: str,
         loss_weighting: LossWeighting,
         optimizer: Callable[..., torch.optim.Optimizer],
+        *,
+        learned_variance: bool = False,
+        vlb_weight: float = 0.001,
         lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         sampler: dict[str, Any] | None = None,
         label_dropout: float = 0.1,
@@ -70,7 +79,18 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"label_dropout={label_dropout} must lie in [0, 1) (0.1 is usual for guidance).")
         if loss_buckets < 1:
             raise ValueError(f"loss_buckets={loss_buckets} must be >= 1.")
+        if learned_variance:
+            image_channels, out_channels = getattr(net, "in_channels", None), getattr(net, "out_channels", None)
+            if image_channels is not None and out_channels != 2 * image_channels:
+                raise ValueError(
+                    f"learned_variance needs a network with 2 × {image_channels} output channels (prediction and "
+                    f"variance), got {out_channels}; build it with out_channels={2 * image_channels}."
+                )
+            if not vlb_weight >= 0:
+                raise ValueError(f"vlb_weight={vlb_weight} must be >= 0 (improved-diffusion uses 0.001).")
         self.net = net
+        self.learned_variance = learned_variance
+        self.vlb_weight = vlb_weight
         self.diffusion = GaussianDiffusion(schedule, prediction_type)
         self.loss_weighting = loss_weighting
         self.optimizer_factory = optimizer
@@ -131,9 +151,17 @@ class DiffusionModule(L.LightningModule):
         x_t = self.diffusion.q_sample(x0, t, noise)
         output = net(x_t, t, labels) if labels is not None else net(x_t, t)
         with torch.autocast(device_type=x0.device.type, enabled=False):
+            output = output.float()
+            prediction = split_learned_variance(output)[0] if self.learned_variance else output
             target = self.diffusion.training_target(x0, noise, t)
-            squared_error = (output.float() - target).square().flatten(1).mean(dim=1)
-            return self.loss_weighting(self.diffusion, t).float() * squared_error
+            squared_error = (prediction - target).square().flatten(1).mean(dim=1)
+            loss = self.loss_weighting(self.diffusion, t).float() * squared_error
+            if self.learned_variance:
+                # L_vlb trains only the variance: the mean's gradient comes from L_simple alone.
+                frozen_mean = torch.cat([prediction.detach(), split_learned_variance(output)[1]], dim=1)
+                vlb = vlb_term(self.diffusion, x0, x_t, t, frozen_mean, "learned_range")
+                loss = loss + self.vlb_weight * self.diffusion.num_train_timesteps * vlb
+            return loss
 
     def _labels_for(self, labels: torch.Tensor | None, *, drop: bool) -> torch.Tensor | None:
         if self.num_classes is None:
@@ -245,7 +273,7 @@ class DiffusionModule(L.LightningModule):
         it is drawn in; ``labels`` and ``guidance_scale`` (w of ε̃ = (1 + w) ε_c − w ε_∅) need a
         class-conditional network.
         """
-        settings = {**self.sampler_settings, **{k: v for k, v in sampler_overrides.items() if v is not None}}
+        settings = self.resolve_sampler_settings(**sampler_overrides)
         net = self.net
         if seeds is not None:
             num_samples = len(seeds)
@@ -254,6 +282,9 @@ class DiffusionModule(L.LightningModule):
         shape = (num_samples, net.in_channels, net.image_size, net.image_size)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds] if seeds is not None else None
         model_fn = self._model_fn(net, labels, guidance_scale)
+        if self.learned_variance and settings["variance_type"] != "learned_range":
+            full_output = model_fn
+            model_fn = lambda x, t: split_learned_variance(full_output(x, t))[0]  # noqa: E731  (mean only)
         was_training = net.training
         net.eval()
         try:
@@ -270,6 +301,12 @@ class DiffusionModule(L.LightningModule):
             )
         finally:
             net.train(was_training)
+
+    def resolve_sampler_settings(self, **overrides: Any) -> dict[str, Any]:
+        """This module's sampler settings with ``overrides`` (None keeps the default) and ``variance_type``
+        made concrete for this model (see ``resolve_variance_type``)."""
+        settings = {**self.sampler_settings, **{k: v for k, v in overrides.items() if v is not None}}
+        return resolve_variance_type(settings, self.learned_variance)
 
     def _model_fn(self, net: nn.Module, labels: torch.Tensor | None, guidance_scale: float):
         if self.num_classes is None:
@@ -289,7 +326,8 @@ class DiffusionModule(L.LightningModule):
         def unconditional(x, t):
             return net(x, t, torch.full((x.shape[0],), self.null_label, device=x.device))
 
-        return classifier_free_guidance(conditional, unconditional, guidance_scale)
+        guided_channels = net.in_channels if self.learned_variance else None
+        return classifier_free_guidance(conditional, unconditional, guidance_scale, guided_channels)
 
     # -- checkpoints ----------------------------------------------------------------------------------
 

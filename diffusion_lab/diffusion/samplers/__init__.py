@@ -47,6 +47,7 @@ __all__ = [
     "check_sampler_settings",
     "classifier_free_guidance",
     "network_calls",
+    "resolve_variance_type",
     "sample",
     "sampler_sigmas",
     "sampler_timesteps",
@@ -54,23 +55,30 @@ __all__ = [
 
 
 def sampler_timesteps(
-    sampler: str, schedule: NoiseSchedule | int, num_steps: int, spacing: str, rho: float = 7.0
+    sampler: str,
+    schedule: NoiseSchedule | int,
+    num_steps: int,
+    spacing: str,
+    rho: float = 7.0,
+    sigma_max: float | None = None,
 ) -> torch.Tensor:
     """The descending training timesteps a chain sampler evaluates the network at: diffusers' grid for that
     sampler, or a σ spacing rounded to the trained timesteps (``schedule`` must then be a NoiseSchedule)."""
     if spacing in SIGMA_SPACINGS:
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"timestep_spacing={spacing!r} needs the NoiseSchedule, not only its length.")
-        return sigma_timesteps(schedule, num_steps, spacing, rho)
+        return sigma_timesteps(schedule, num_steps, spacing, rho, sigma_max)
     T = schedule if isinstance(schedule, int) else schedule.num_train_timesteps
     return sampling_timesteps(T, num_steps, spacing, drop_final_point=(sampler == "dpm_solver++"))
 
 
-def sampler_sigmas(schedule: NoiseSchedule, num_steps: int, spacing: str, rho: float = 7.0) -> list[float]:
+def sampler_sigmas(
+    schedule: NoiseSchedule, num_steps: int, spacing: str, rho: float = 7.0, sigma_max: float | None = None
+) -> list[float]:
     """The decreasing σ grid a σ sampler walks, ending at 0: Karras/log-SNR spacing between the trained σ_max
     and σ_min, or the trained σ at a timestep grid's points (diffusers' Euler/Heun without Karras σ)."""
     if spacing in SIGMA_SPACINGS:
-        sigmas = sigma_grid(schedule, num_steps, spacing, rho)
+        sigmas = sigma_grid(schedule, num_steps, spacing, rho, sigma_max)
     else:
         sigmas = trained_sigmas(schedule)[sampling_timesteps(schedule.num_train_timesteps, num_steps, spacing)]
     return [*sigmas.tolist(), 0.0]
@@ -82,7 +90,9 @@ def network_calls(sampler: str, num_steps: int) -> int:
     return 2 * num_steps - 1 if sampler == "heun" else num_steps
 
 
-def _check_options(sampler: str, num_steps: int, eta: float, variance_type: str, churn: Churn, spacing: str) -> None:
+def _check_options(
+    sampler: str, num_steps: int, eta: float, variance_type: str | None, churn: Churn, spacing: str
+) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"Unknown sampler {sampler!r}; valid choices: {', '.join(SAMPLERS)}.")
     if spacing not in TIMESTEP_SPACINGS:
@@ -91,8 +101,13 @@ def _check_options(sampler: str, num_steps: int, eta: float, variance_type: str,
         raise ValueError(f"eta={eta!r} must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise).")
     if eta != 0.0 and sampler != "ddim":
         raise ValueError(f"eta={eta} applies only to sampler='ddim', not {sampler!r}; leave eta=0.")
-    if variance_type not in VARIANCE_TYPES:
+    if variance_type is not None and variance_type not in VARIANCE_TYPES:
         raise ValueError(f"Unknown variance_type {variance_type!r}; valid choices: {', '.join(VARIANCE_TYPES)}.")
+    if variance_type == "learned_range" and sampler != "ddpm":
+        raise ValueError(
+            f"variance_type=learned_range applies only to sampler=ddpm; {sampler!r} uses the mean alone (a "
+            "learned-variance model's prediction channels), so leave variance_type null."
+        )
     if sampler == "heun" and num_steps < 2:
         raise ValueError(
             f"num_steps={num_steps} is too few for sampler='heun': its only step would go to σ = 0, which is an "
@@ -111,6 +126,22 @@ def _check_options(sampler: str, num_steps: int, eta: float, variance_type: str,
         raise ValueError(f"s_noise={churn.s_noise!r} must be a positive number (EDM uses 1.0 to 1.007).")
 
 
+def resolve_variance_type(settings: dict, learned_variance: bool) -> dict:
+    """``settings`` with ``variance_type`` made concrete: null means the model's own — learned_range for DDPM on
+    a model that learned its variance, fixed_small otherwise. learned_range without a learned variance is an
+    error (the model has no variance output to read)."""
+    variance_type = settings.get("variance_type")
+    if variance_type is None:
+        learned = learned_variance and settings.get("sampler") == "ddpm"
+        variance_type = "learned_range" if learned else "fixed_small"
+    if variance_type == "learned_range" and not learned_variance:
+        raise ValueError(
+            "variance_type=learned_range needs a model that learned its variance (trained with objective=hybrid); "
+            "this one did not: use fixed_small, fixed_large or leave it null."
+        )
+    return {**settings, "variance_type": variance_type}
+
+
 def _resolve_num_steps(sampler: str, num_steps: int | None, num_train_timesteps: int) -> int:
     if num_steps is None:
         return min(DEFAULT_NUM_STEPS.get(sampler) or num_train_timesteps, num_train_timesteps)
@@ -127,9 +158,10 @@ def check_sampler_settings(
     num_steps: int | None = None,
     eta: float = 0.0,
     timestep_spacing: str = "trailing",
-    variance_type: str = "fixed_small",
+    variance_type: str | None = None,
     clip_sample: bool | float = False,
     rho: float = 7.0,
+    sigma_max: float | None = None,
     s_churn: float = 0.0,
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
@@ -139,9 +171,9 @@ def check_sampler_settings(
     steps = _resolve_num_steps(sampler, num_steps, schedule.num_train_timesteps)
     _check_options(sampler, steps, eta, variance_type, Churn(s_churn, s_tmin, s_tmax, s_noise), timestep_spacing)
     if sampler in SIGMA_SAMPLERS:
-        sampler_sigmas(schedule, steps, timestep_spacing, rho)
+        sampler_sigmas(schedule, steps, timestep_spacing, rho, sigma_max)
     else:
-        sampler_timesteps(sampler, schedule, steps, timestep_spacing, rho)
+        sampler_timesteps(sampler, schedule, steps, timestep_spacing, rho, sigma_max)
 
 
 def sample(
@@ -154,9 +186,10 @@ def sample(
     eta: float = 0.0,
     timestep_spacing: str = "trailing",
     prediction_type: str = "epsilon",
-    variance_type: str = "fixed_small",
+    variance_type: str | None = None,
     clip_sample: bool | float = False,
     rho: float = 7.0,
+    sigma_max: float | None = None,
     s_churn: float = 0.0,
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
@@ -169,9 +202,12 @@ def sample(
 ) -> torch.Tensor | tuple[torch.Tensor, list[TrajectoryStep]]:
     """Draw samples by walking the reverse chain from x_T ~ N(0, I) (or the given ``noise``).
 
+    ``variance_type`` (DDPM's σ²: fixed_small = β̃ when null, fixed_large, or learned_range — then
+    ``model_fn`` returns the prediction and v stacked along channels) applies to ``ddpm`` only.
     ``num_steps`` defaults to every timestep for ``ddpm``, 50 for ``ddim``, 20 for ``dpm_solver++``, ``euler``
-    and ``euler_ancestral`` and 10 for ``heun``; ``rho`` shapes the ``karras`` spacing; ``s_churn``, ``s_tmin``,
-    ``s_tmax``, ``s_noise`` are EDM's churn for euler/heun. ``generator`` may be one generator or one per
+    and ``euler_ancestral`` and 10 for ``heun``; ``rho`` shapes the ``karras`` spacing and ``sigma_max``
+    (null: the trained σ(T−1)) caps where σ spacings start; ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``
+    are EDM's churn for euler/heun. ``generator`` may be one generator or one per
     sample (then sample i depends only on generator i). With ``return_trajectory`` also returns, per network
     call on the main path, x_t and x̂₀ (on the CPU).
     """
@@ -179,6 +215,7 @@ def sample(
     num_steps = _resolve_num_steps(sampler, num_steps, schedule.num_train_timesteps)
     churn = Churn(s_churn, s_tmin, s_tmax, s_noise)
     _check_options(sampler, num_steps, eta, variance_type, churn, timestep_spacing)
+    variance_type = variance_type or "fixed_small"
 
     if noise is None:
         if device is None:
@@ -190,7 +227,7 @@ def sample(
         x = noise.to(device=device or noise.device, dtype=dtype)
 
     if sampler in SIGMA_SAMPLERS:
-        sigmas = sampler_sigmas(schedule, num_steps, timestep_spacing, rho)
+        sigmas = sampler_sigmas(schedule, num_steps, timestep_spacing, rho, sigma_max)
         chain = SigmaChain(schedule, sigmas, prediction_type, clip_sample, [] if return_trajectory else None)
         with torch.no_grad():
             x = chain.start(x)
@@ -199,7 +236,7 @@ def sample(
             else:
                 x = euler_loop(model_fn, chain, x, second_order=(sampler == "heun"), churn=churn, generator=generator)
     else:
-        timesteps = sampler_timesteps(sampler, schedule, num_steps, timestep_spacing, rho)
+        timesteps = sampler_timesteps(sampler, schedule, num_steps, timestep_spacing, rho, sigma_max)
         chain = SamplingChain.build(schedule, timesteps, prediction_type, record=return_trajectory)
         with torch.no_grad():
             if sampler == "ddpm":

@@ -35,18 +35,28 @@ def trained_sigmas(schedule: NoiseSchedule) -> torch.Tensor:
     return ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
 
 
-def sigma_grid(schedule: NoiseSchedule, num_steps: int, spacing: str, rho: float = 7.0) -> torch.Tensor:
-    """``num_steps`` decreasing σ from σ_max = σ(T−1) to σ_min = σ(0) of the trained schedule.
+def sigma_grid(
+    schedule: NoiseSchedule, num_steps: int, spacing: str, rho: float = 7.0, sigma_max: float | None = None
+) -> torch.Tensor:
+    """``num_steps`` decreasing σ from σ_max = σ(T−1) (or the given ``sigma_max``, if lower) to σ_min = σ(0) of
+    the trained schedule.
 
     ``karras``: σ_i = (σ_max^{1/ρ} + i/(N−1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ, denser at low noise for larger ρ
-    (EDM's ρ = 7). ``log_snr``: uniform in log σ, i.e. in log-SNR = −2 log σ (the ρ → ∞ limit).
+    (EDM's ρ = 7). ``log_snr``: uniform in log σ, i.e. in log-SNR = −2 log σ (the ρ → ∞ limit). A cosine
+    schedule's σ(T−1) ≈ 2·10⁴ spends steps far above any data scale; EDM starts at σ_max = 80.
     """
     if spacing not in SIGMA_SPACINGS:
         raise ValueError(f"Unknown sigma spacing {spacing!r}; valid choices: {', '.join(SIGMA_SPACINGS)}.")
     if not (isinstance(rho, int | float) and math.isfinite(rho) and rho > 0):
         raise ValueError(f"rho={rho!r} must be a positive number (Karras et al. use 7).")
     sigmas = trained_sigmas(schedule)
-    sigma_min, sigma_max = float(sigmas[0]), float(sigmas[-1])
+    sigma_min, trained_max = float(sigmas[0]), float(sigmas[-1])
+    if sigma_max is not None and not (isinstance(sigma_max, int | float) and sigma_min < sigma_max):
+        raise ValueError(
+            f"sigma_max={sigma_max!r} must be a number above the schedule's σ_min = {sigma_min:.4g} (EDM uses 80; "
+            f"null: the trained σ_max = {trained_max:.4g})."
+        )
+    sigma_max = trained_max if sigma_max is None else min(float(sigma_max), trained_max)
     if num_steps == 1:
         return torch.tensor([sigma_max], dtype=torch.float64)
     ramp = torch.linspace(0.0, 1.0, num_steps, dtype=torch.float64)
@@ -67,9 +77,12 @@ def sigma_to_timestep(sigma: torch.Tensor, schedule: NoiseSchedule) -> torch.Ten
     return low.to(torch.float64) + weight
 
 
-def sigma_timesteps(schedule: NoiseSchedule, num_steps: int, spacing: str, rho: float = 7.0) -> torch.Tensor:
+def sigma_timesteps(
+    schedule: NoiseSchedule, num_steps: int, spacing: str, rho: float = 7.0, sigma_max: float | None = None
+) -> torch.Tensor:
     """The σ grid rounded to the nearest trained timesteps (descending, unique), for the discrete samplers."""
-    timesteps = sigma_to_timestep(sigma_grid(schedule, num_steps, spacing, rho), schedule).round().long()
+    grid = sigma_grid(schedule, num_steps, spacing, rho, sigma_max)
+    timesteps = sigma_to_timestep(grid, schedule).round().long()
     values, counts = timesteps.unique(return_counts=True)
     if (counts > 1).any():
         repeated = values[counts > 1].tolist()
