@@ -65,7 +65,7 @@ def test_trajectory_figure_and_gif(sample_in_process, tmp_path):
     figure = Image.open(tmp_path / "t" / "trajectory.png")
     assert figure.size[0] > 600 and figure.size[1] > 600
     gif = Image.open(tmp_path / "t" / "trajectory.gif")
-    assert gif.n_frames == 10  # one frame per step of the 10-step DDIM chain
+    assert gif.n_frames == 10  # one frame per step of the 10-step chain
 
 
 @pytest.mark.parametrize(

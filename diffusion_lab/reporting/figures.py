@@ -30,7 +30,7 @@ def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
     return smoothed
 
 
-PLAIN = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:.3g}")
+PLAIN = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:.4g}")
 
 
 def _plain_numbers(ax, axis: str = "y") -> None:
@@ -41,6 +41,18 @@ def _plain_numbers(ax, axis: str = "y") -> None:
     target.set_major_formatter(PLAIN)
     # minor ticks get labels only where a decade has no major tick to read from
     target.set_minor_formatter(PLAIN if within_a_decade else matplotlib.ticker.NullFormatter())
+
+
+def _spread_ticks(values: list[float], min_ratio: float = 1.3) -> list[float]:
+    """One tick per cluster of increasing values closer than ``min_ratio`` on a log axis (labels 9, 10, 11
+    collide), the roundest of each cluster (10 over 9 and 11)."""
+    clusters: list[list[float]] = []
+    for value in values:
+        if clusters and value / clusters[-1][0] < min_ratio:
+            clusters[-1].append(value)
+        else:
+            clusters.append([value])
+    return [max(cluster, key=lambda v: (v % 10 == 0, v % 5 == 0, -v)) for cluster in clusters]
 
 
 def _legend(ax, count: int) -> None:
@@ -165,8 +177,13 @@ def fid_against_nfe(groups: list[Group], path: Path) -> Path | None:
             ax.axhline(min(floors), color="grey", linestyle="--", linewidth=1, label="real-data floor")
         ax.set(title=f"{title}: FID against network calls", xlabel="network calls per sample (NFE)", xscale="log",
                ylabel="FID (mean ± std over seeds)")  # fmt: skip
-        ax.set_xticks(sorted({n for by_nfe in lines.values() for n in by_nfe}))
+        ax.set_xticks(_spread_ticks(sorted({n for by_nfe in lines.values() for n in by_nfe})))
         _plain_numbers(ax, "x")
+        if line_names is not None:  # samplers can differ by orders of magnitude at few calls
+            ax.set_yscale("log")
+            ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 3.0, 5.0)))
+            ax.yaxis.set_major_formatter(PLAIN)
+            ax.yaxis.set_minor_formatter(PLAIN)
         ax.grid(alpha=0.3, which="both")
         _legend(ax, len(lines))
     return _save(fig, path)

@@ -93,6 +93,8 @@ def sampler_label(protocol: dict[str, Any]) -> str:
     name = {"dpm_solver++": "dpm++"}.get(sampler.get("sampler"), sampler.get("sampler") or "samples")
     if sampler.get("timestep_spacing") in SIGMA_SPACINGS:
         name = f"{name}/{sampler['timestep_spacing']}"
+        if sampler.get("sigma_max") is not None:
+            name = f"{name} σ≤{sampler['sigma_max']:g}"
     nfe = protocol.get("nfe_per_sample")
     return f"{name}·{nfe}" if nfe else name
 
