@@ -89,7 +89,7 @@ def sigma_timesteps(
         raise ValueError(
             f"num_steps={num_steps} is too many for timestep_spacing={spacing!r} on this schedule: rounded to the "
             f"trained timesteps its σ grid repeats timesteps {repeated} (the schedule's σ changes faster there than "
-            "the grid). Use fewer steps, timestep_spacing='trailing', or sampler=euler/heun (which take "
-            "fractional timesteps)."
+            "the grid). Use fewer steps, a lower sigma_max (EDM's 80), timestep_spacing='trailing', or "
+            "sampler=euler/heun (which take fractional timesteps)."
         )
     return timesteps
