@@ -30,3 +30,14 @@ class AutocastProbe(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+class StopAtStep(L.Callback):
+    """Stops training after ``step`` optimiser steps, as ``max_time`` or an early-stopping rule would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffusion_lab.train import train
-from tests.conftest import FAST, run_cli
+from tests.conftest import FAST, REPO_ROOT, run_cli
 from tests.helpers import read_wandb_records
 
 
@@ -39,6 +39,20 @@ def test_last_checkpoint_holds_the_final_step_between_periodic_saves(compose_con
     checkpoints = tmp_path / "run" / "checkpoints"
     assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 8
     assert torch.load(checkpoints / "step_0000005.ckpt", weights_only=True)["global_step"] == 5
+
+
+def test_a_run_stopped_early_keeps_its_raw_weights_beside_the_average(compose_config, tmp_path):
+    """A run stopped before max_steps (max_time, should_stop) writes last.ckpt after Lightning has copied the
+    EMA into the model; the checkpoint must still hold the optimiser's weights as current_model_state (which
+    use_ema=false and resuming read), not a second copy of the average."""
+    overrides = [*FAST, "trainer.max_steps=50", "callbacks.last_and_periodic.every_n_train_steps=100",
+                 "+callbacks.stop._target_=tests.probes.StopAtStep", "+callbacks.stop.step=6"]  # fmt: skip
+    train(compose_config(overrides))
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 6
+    average, raw = checkpoint["state_dict"], checkpoint["current_model_state"]
+    gap = max((average[k] - raw[k]).abs().max().item() for k in average if k.startswith("net."))
+    assert gap > 1e-4  # two different sets of weights
 
 
 def test_validation_losses_are_reproducible(compose_config, tmp_path):
@@ -153,12 +167,15 @@ def test_the_job_returns_the_optimized_metric(compose_config, tmp_path, metric):
     assert f"ModelCheckpoint{{'monitor': '{metric}'" in "".join(best["callbacks"])  # "best" tracks it too
 
 
-@pytest.mark.parametrize("experiment", ["quickstart", "mnist_ddpm", "cifar10_ddpm"])
+EXPERIMENTS = sorted(path.stem for path in (REPO_ROOT / "conf" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_fast_dev_run_over_every_experiment(experiment, compose_config, tmp_path):
     from tests.helpers import write_cifar10, write_idx_dataset
 
     overrides = [f"experiment={experiment}", "debug=fdr", "print_config=false", "callbacks.progress_bar=null"]
-    if experiment == "mnist_ddpm":
+    if experiment.startswith("mnist"):
         overrides += [f"data.root={write_idx_dataset(tmp_path / 'mnist')}", "data.download=false", "data.batch_size=8"]
     if experiment == "cifar10_ddpm":
         overrides += [f"data.root={write_cifar10(tmp_path / 'cifar').parent}", "data.batch_size=4"]

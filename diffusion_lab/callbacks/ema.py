@@ -16,7 +16,11 @@ class DiffusionEMA(EMAWeightAveraging):
     - a warm-up of the decay, min(decay, (1 + n)/(10 + n)) at step n, so that short runs and the first
       thousands of steps of long ones get a usable average instead of one dominated by the random init;
     - ``ema_module`` / ``raw_module``, which return whichever copy holds those weights right now (the swap
-      during validation moves them between the model and the average).
+      during validation moves them between the model and the average);
+    - the optimiser's weights survive the end of training: Lightning copies the average into the model in
+      ``on_train_end``, and a checkpoint written after that (ModelCheckpoint's last.ckpt of a run stopped by
+      ``max_time`` or ``should_stop``) would otherwise store the average as ``current_model_state`` too —
+      losing the raw weights that ``use_ema=false`` and resuming need.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class DiffusionEMA(EMAWeightAveraging):
         # One foreach lerp over all tensors instead of a Python call per parameter.
         self._kwargs = {"multi_avg_fn": self._lerp}
         self._swapped = False
+        self._raw_state_at_end: dict[str, torch.Tensor] | None = None
 
     def decay_at(self, step: int) -> float:
         return min(self.decay, (1.0 + step) / (10.0 + step)) if self.warmup else self.decay
@@ -56,6 +61,19 @@ class DiffusionEMA(EMAWeightAveraging):
             return  # the weights did not change (a non-finite step); the average should not count it
         self.current_decay = self.decay_at(trainer.global_step)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._raw_state_at_end = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._raw_state_at_end = {name: value.detach().clone() for name, value in pl_module.state_dict().items()}
+        super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._raw_state_at_end is not None and "current_model_state" in checkpoint:
+            checkpoint["current_model_state"] = self._raw_state_at_end  # the model now holds the average
 
     def _swap_models(self, pl_module: L.LightningModule) -> None:
         super()._swap_models(pl_module)
