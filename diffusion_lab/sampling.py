@@ -13,7 +13,7 @@ import torch
 from lightning.fabric import Fabric
 
 from diffusion_lab.data.base import to_uint8
-from diffusion_lab.diffusion.samplers import DEFAULT_NUM_STEPS, network_calls
+from diffusion_lab.diffusion.samplers import network_calls, resolve_num_steps
 from diffusion_lab.errors import ConfigError
 
 
@@ -100,5 +100,5 @@ def nfe_per_sample(sampler: dict[str, Any], num_train_timesteps: int, guidance_s
     """Network evaluations per sample: one per step (all T for DDPM by default; Heun two per step but the
     last), twice with guidance."""
     name = sampler.get("sampler", "ddim")
-    steps = sampler.get("num_steps") or min(DEFAULT_NUM_STEPS.get(name) or num_train_timesteps, num_train_timesteps)
-    return network_calls(name, int(steps)) * (2 if guidance_scale else 1)
+    steps = resolve_num_steps(name, sampler.get("num_steps"), num_train_timesteps)
+    return network_calls(name, steps) * (2 if guidance_scale else 1)

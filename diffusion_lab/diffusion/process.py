@@ -13,7 +13,6 @@ from diffusion_lab.diffusion.schedules import NoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")
-FIXED_VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
 
 def split_learned_variance(model_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,16 +192,14 @@ class GaussianDiffusion:
         """
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"Unknown variance_type {variance_type!r}; valid choices: {', '.join(VARIANCE_TYPES)}.")
-        log_variance = self.p_log_variance(t, x_t, variance_type, model_output)
-        if variance_type == "learned_range":
-            model_output = split_learned_variance(model_output)[0]
-        x0 = clamp_x0(self.predict_x0(x_t, t, model_output), clip_sample)
+        prediction = split_learned_variance(model_output)[0] if variance_type == "learned_range" else model_output
+        x0 = clamp_x0(self.predict_x0(x_t, t, prediction), clip_sample)
         mean, posterior_variance = self.q_posterior(x0, x_t, t)
         if variance_type == "fixed_small":
             return mean, posterior_variance
         if variance_type == "fixed_large":
             return mean, self.coefficient("betas", t, x_t).expand_as(x_t)
-        return mean, log_variance.exp()
+        return mean, self.p_log_variance(t, x_t, variance_type, model_output).exp()
 
     def p_log_variance(
         self,

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
+
+from diffusion_lab.configs import SamplerConfig
 
 RECORDS = Path("eval") / "metrics.jsonl"
 
@@ -42,15 +45,12 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
-# Sampler settings added after records were first written, at the values that leave the samplers as they were:
-# a record that lacks them and one that holds these defaults are the same measurement.
+# Sampler settings added after records were first written; at their defaults (SamplerConfig's, which leave the
+# samplers as they were) a record that lacks them and one that holds them are the same measurement.
 SAMPLER_DEFAULTS = {
-    "rho": 7.0,
-    "sigma_max": None,
-    "s_churn": 0.0,
-    "s_tmin": 0.0,
-    "s_tmax": float("inf"),
-    "s_noise": 1.0,
+    f.name: f.default
+    for f in fields(SamplerConfig)
+    if f.name in ("rho", "sigma_max", "s_churn", "s_tmin", "s_tmax", "s_noise")
 }
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "check_sampler_settings",
     "classifier_free_guidance",
     "network_calls",
+    "resolve_num_steps",
     "resolve_variance_type",
     "sample",
     "sampler_sigmas",
@@ -142,7 +143,8 @@ def resolve_variance_type(settings: dict, learned_variance: bool) -> dict:
     return {**settings, "variance_type": variance_type}
 
 
-def _resolve_num_steps(sampler: str, num_steps: int | None, num_train_timesteps: int) -> int:
+def resolve_num_steps(sampler: str, num_steps: int | None, num_train_timesteps: int) -> int:
+    """``num_steps``, or the sampler's default when null (every timestep for ddpm); refused outside [1, T]."""
     if num_steps is None:
         return min(DEFAULT_NUM_STEPS.get(sampler) or num_train_timesteps, num_train_timesteps)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= num_train_timesteps:
@@ -168,12 +170,27 @@ def check_sampler_settings(
     s_noise: float = 1.0,
 ) -> None:
     """Raise the ValueError ``sample`` would, before any sampling starts."""
-    steps = _resolve_num_steps(sampler, num_steps, schedule.num_train_timesteps)
-    _check_options(sampler, steps, eta, variance_type, Churn(s_churn, s_tmin, s_tmax, s_noise), timestep_spacing)
+    churn = Churn(s_churn, s_tmin, s_tmax, s_noise)
+    _grid(schedule, sampler, num_steps, eta, timestep_spacing, variance_type, rho, sigma_max, churn)
+
+
+def _grid(
+    schedule: NoiseSchedule,
+    sampler: str,
+    num_steps: int | None,
+    eta: float,
+    spacing: str,
+    variance_type: str | None,
+    rho: float,
+    sigma_max: float | None,
+    churn: Churn,
+) -> list[float] | torch.Tensor:
+    """The checked settings' grid: σ values (ending at 0) for a σ sampler, training timesteps for a chain one."""
+    steps = resolve_num_steps(sampler, num_steps, schedule.num_train_timesteps)
+    _check_options(sampler, steps, eta, variance_type, churn, spacing)
     if sampler in SIGMA_SAMPLERS:
-        sampler_sigmas(schedule, steps, timestep_spacing, rho, sigma_max)
-    else:
-        sampler_timesteps(sampler, schedule, steps, timestep_spacing, rho, sigma_max)
+        return sampler_sigmas(schedule, steps, spacing, rho, sigma_max)
+    return sampler_timesteps(sampler, schedule, steps, spacing, rho, sigma_max)
 
 
 def sample(
@@ -212,9 +229,8 @@ def sample(
     call on the main path, x_t and x̂₀ (on the CPU).
     """
     check_prediction_type(prediction_type)
-    num_steps = _resolve_num_steps(sampler, num_steps, schedule.num_train_timesteps)
     churn = Churn(s_churn, s_tmin, s_tmax, s_noise)
-    _check_options(sampler, num_steps, eta, variance_type, churn, timestep_spacing)
+    grid = _grid(schedule, sampler, num_steps, eta, timestep_spacing, variance_type, rho, sigma_max, churn)
     variance_type = variance_type or "fixed_small"
 
     if noise is None:
@@ -227,8 +243,7 @@ def sample(
         x = noise.to(device=device or noise.device, dtype=dtype)
 
     if sampler in SIGMA_SAMPLERS:
-        sigmas = sampler_sigmas(schedule, num_steps, timestep_spacing, rho, sigma_max)
-        chain = SigmaChain(schedule, sigmas, prediction_type, clip_sample, [] if return_trajectory else None)
+        chain = SigmaChain(schedule, grid, prediction_type, clip_sample, [] if return_trajectory else None)
         with torch.no_grad():
             x = chain.start(x)
             if sampler == "euler_ancestral":
@@ -236,8 +251,7 @@ def sample(
             else:
                 x = euler_loop(model_fn, chain, x, second_order=(sampler == "heun"), churn=churn, generator=generator)
     else:
-        timesteps = sampler_timesteps(sampler, schedule, num_steps, timestep_spacing, rho, sigma_max)
-        chain = SamplingChain.build(schedule, timesteps, prediction_type, record=return_trajectory)
+        chain = SamplingChain.build(schedule, grid, prediction_type, record=return_trajectory)
         with torch.no_grad():
             if sampler == "ddpm":
                 x = ddpm_loop(

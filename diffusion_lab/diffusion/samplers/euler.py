@@ -11,13 +11,13 @@ costs two network calls per step except the last: 2N − 1 for N steps.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from diffusion_lab.diffusion.process import check_prediction_type, clamp_x0
 from diffusion_lab.diffusion.samplers.chain import Generator, ModelFn, TrajectoryStep, randn
-from diffusion_lab.diffusion.samplers.sigmas import sigma_to_timestep
+from diffusion_lab.diffusion.samplers.sigmas import timestep_of_sigma, trained_sigmas
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 
 
@@ -46,11 +46,13 @@ class SigmaChain:
     prediction_type: str
     clip_sample: bool | float
     trajectory: list[TrajectoryStep] | None = None
+    log_sigmas: torch.Tensor = field(init=False)  # of the trained timesteps, for t(σ)
 
     def __post_init__(self) -> None:
         check_prediction_type(self.prediction_type)
         if self.sigmas[-1] != 0.0 or any(a <= b for a, b in zip(self.sigmas, self.sigmas[1:], strict=False)):
             raise ValueError(f"a σ grid must decrease strictly and end at 0, got {self.sigmas}.")
+        self.log_sigmas = trained_sigmas(self.schedule).log()
 
     @property
     def num_steps(self) -> int:
@@ -64,7 +66,7 @@ class SigmaChain:
         """D(x; σ) = x̂₀ from one network call at x_t = x/√(1+σ²), t = t(σ)."""
         scale = 1.0 / math.sqrt(1.0 + sigma**2)  # √ᾱ at this σ
         x_t = x * scale
-        t = float(sigma_to_timestep(torch.tensor(sigma), self.schedule))
+        t = float(timestep_of_sigma(torch.tensor(sigma).double(), self.log_sigmas))
         output = model_fn(x_t, torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)).to(x.dtype)
         if self.prediction_type == "epsilon":
             denoised = x - sigma * output

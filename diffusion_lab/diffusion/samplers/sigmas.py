@@ -66,11 +66,15 @@ def sigma_grid(
     return (inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho
 
 
-def sigma_to_timestep(sigma: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
+def sigma_to_timestep(sigma: torch.Tensor | float, schedule: NoiseSchedule) -> torch.Tensor:
     """Fractional training timestep of each σ: linear in log σ between the trained neighbours, clamped to
     [0, T−1]. A trained σ(k) maps exactly to k."""
-    log_sigmas = trained_sigmas(schedule).log()
-    log_sigma = torch.as_tensor(sigma, dtype=torch.float64).clamp(min=1e-10).log()
+    return timestep_of_sigma(torch.as_tensor(sigma, dtype=torch.float64), trained_sigmas(schedule).log())
+
+
+def timestep_of_sigma(sigma: torch.Tensor, log_sigmas: torch.Tensor) -> torch.Tensor:
+    """``sigma_to_timestep`` against precomputed trained log σ (a sampler calls it once per network call)."""
+    log_sigma = sigma.clamp(min=1e-10).log()
     low = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, log_sigmas.numel() - 2)
     low_value, high_value = log_sigmas[low], log_sigmas[low + 1]
     weight = ((log_sigma - low_value) / (high_value - low_value)).clamp(0.0, 1.0)
