@@ -41,11 +41,13 @@ def test_last_checkpoint_holds_the_final_step_between_periodic_saves(compose_con
     assert torch.load(checkpoints / "step_0000005.ckpt", weights_only=True)["global_step"] == 5
 
 
-def test_a_run_stopped_early_keeps_its_raw_weights_beside_the_average(compose_config, tmp_path):
-    """A run stopped before max_steps (max_time, should_stop) writes last.ckpt after Lightning has copied the
-    EMA into the model; the checkpoint must still hold the optimiser's weights as current_model_state (which
-    use_ema=false and resuming read), not a second copy of the average."""
-    overrides = [*FAST, "trainer.max_steps=50", "callbacks.last_and_periodic.every_n_train_steps=100",
+@pytest.mark.parametrize("every", [100, 4])
+def test_a_run_stopped_early_keeps_its_raw_weights_beside_the_average(compose_config, tmp_path, every):
+    """A run stopped before max_steps (max_time, should_stop) writes last.ckpt of the step it stopped at (also
+    after an earlier periodic save: every=4 saves at step 4), after Lightning has copied the EMA into the model;
+    the checkpoint must still hold the optimiser's weights as current_model_state (which use_ema=false and
+    resuming read), not a second copy of the average."""
+    overrides = [*FAST, "trainer.max_steps=50", f"callbacks.last_and_periodic.every_n_train_steps={every}",
                  "+callbacks.stop._target_=tests.probes.StopAtStep", "+callbacks.stop.step=6"]  # fmt: skip
     train(compose_config(overrides))
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
