@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -288,7 +287,6 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = ["fid"] if args.no_kid else ["fid", "kid"]
     out = args.out or ROOT / "outputs" / "time_to_quality" / f"{args.case}-{datetime.now():%Y-%m-%d_%H-%M-%S}"
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(os.cpu_count() or 1)
     images = training_images(case["data"])
     grid = [PEER_GRID[i] for i in args.peer_settings] if args.peer_settings else list(PEER_GRID)
     shape = tuple(images.shape[1:])
