@@ -17,6 +17,7 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -263,6 +264,13 @@ def stamped(report: dict[str, Any]) -> dict[str, Any]:
     return {**report, "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def sampler_choice() -> str | None:
+    """The ``sampler`` option this job was composed with (Hydra's runtime choice); None outside a Hydra job."""
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get("sampler")
+
+
 def evaluate_runs(cfg: DictConfig) -> dict[str, Any]:
     """Every run under ``runs`` × its selected checkpoints × the sampler grid, appended to each run's
     eval/metrics.jsonl; measurements already recorded there are skipped (a rerun resumes)."""
@@ -280,7 +288,7 @@ def evaluate_runs(cfg: DictConfig) -> dict[str, Any]:
             + (f" ({len(failed)} without: {'; '.join(f'{p}: {m}' for p, m in failed.items())})" if failed else "")
             + "; point runs= at a run folder (outputs/<date>/<time>) or a multirun folder."
         )
-    cells = sampler_grid(plain(cfg.sampler), plain(cfg.get("grid")))
+    cells = sampler_grid(plain(cfg.sampler), plain(cfg.get("grid")), sampler_choice())
     for run in usable:  # every grid cell is checked against every run before anything is sampled
         schedule = build_schedule(OmegaConf.load(run.path / ".hydra" / "config.yaml").schedule)
         for cell in cells:

@@ -112,14 +112,20 @@ def sampler_option(name: str) -> dict[str, Any]:
     return plain(OmegaConf.merge(OmegaConf.structured(SamplerConfig), option))
 
 
-def sampler_grid(base: dict[str, Any], grid: dict[str, Any] | None) -> list[dict[str, Any]]:
+def sampler_grid(
+    base: dict[str, Any], grid: dict[str, Any] | None, base_option: str | None = None
+) -> list[dict[str, Any]]:
     """The sampler settings of every grid cell: ``grid.sampler`` × ``grid.timestep_spacing`` × ``grid.num_steps``
-    (each may be empty, which keeps the job's ``sampler``); every cell is checked before anything is sampled."""
+    (each may be empty, which keeps the job's ``sampler``); every cell is checked before anything is sampled.
+    Each ``grid.sampler`` option starts from its conf/sampler file, plus what the job set on top of its own option
+    ``base_option`` (``sampler=heun sampler.sigma_max=80 grid.sampler=[euler,heun]``: σ_max 80 in every cell)."""
     grid = grid or {}
     names = list(grid.get("sampler") or [])
     spacings = list(grid.get("timestep_spacing") or [])
     steps = list(grid.get("num_steps") or [])
-    bases = [sampler_option(name) for name in names] or [dict(base)]
+    own = sampler_option(base_option) if base_option and names else base
+    overridden = {k: v for k, v in base.items() if k != "sampler" and own.get(k) != v}
+    bases = [{**sampler_option(name), **overridden} for name in names] or [dict(base)]
     cells = []
     for settings, spacing, num_steps in itertools.product(bases, spacings or [None], steps or [None]):
         cell = dict(settings)

@@ -22,6 +22,14 @@ def _colour(index: int):
     return COLOURS[index % len(COLOURS)]
 
 
+def _colours(count: int) -> list:
+    """``count`` distinguishable colours: the report's ten, or tab20's twenty when a sampler comparison holds more
+    lines (beyond twenty they repeat)."""
+    if count <= len(COLOURS):
+        return [_colour(i) for i in range(count)]
+    return [matplotlib.colormaps["tab20"](i % 20) for i in range(count)]
+
+
 def _smooth(values: list[float], weight: float = 0.8) -> list[float]:
     smoothed, running = [], None
     for value in values:
@@ -164,6 +172,7 @@ def fid_against_nfe(groups: list[Group], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + (2 if len(groups) == 1 else 0), 4.2),
                              squeeze=False, sharey=True)  # fmt: skip
     for ax, (title, lines, line_names) in zip(axes[0], panels, strict=True):
+        colours = _colours(max(lines) + 1)
         for key, by_nfe in sorted(lines.items()):
             nfes = sorted(by_nfe)
             stats = [mean_std(by_nfe[n]) for n in nfes]
@@ -172,7 +181,7 @@ def fid_against_nfe(groups: list[Group], path: Path) -> Path | None:
             else:
                 label = line_names[key]
             ax.errorbar(nfes, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", markersize=3,
-                        capsize=3, color=_colour(key), label=f"{label} (n={stats[0][2]})")  # fmt: skip
+                        capsize=3, color=colours[key], label=f"{label} (n={stats[0][2]})")  # fmt: skip
         if floors:
             ax.axhline(min(floors), color="grey", linestyle="--", linewidth=1, label="real-data floor")
         ax.set(title=f"{title}: FID against network calls", xlabel="network calls per sample (NFE)", xscale="log",

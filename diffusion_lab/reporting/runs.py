@@ -60,14 +60,15 @@ class Run:
 
     @property
     def images_per_s(self) -> float | None:
-        """Training images/s over all processes, from Lightning's ThroughputMonitor."""
-        total = self.last("train/samples_per_sec")
-        if total is not None:
-            return total
-        device = self.last("train/device/samples_per_sec")
+        """Training images/s over all processes across the run: images over seconds of training (validation
+        excluded) as Lightning's ThroughputMonitor counts them per process. Not its last windowed rate, which the
+        work at the end of a run (the final grid, the last checkpoint) can cut to a third."""
+        rows = [row for row in self.rows if row.get("train/samples") and row.get("train/time")]
+        if not rows:
+            return None
         trainer = self.config.get("trainer", {})
         devices = trainer.get("devices") if isinstance(trainer.get("devices"), int) else 1
-        return device * devices * int(trainer.get("num_nodes", 1)) if device is not None else None
+        return rows[-1]["train/samples"] / rows[-1]["train/time"] * devices * int(trainer.get("num_nodes", 1))
 
     @property
     def final_evaluations(self) -> list[dict[str, Any]]:
