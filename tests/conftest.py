@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -27,6 +30,12 @@ if (SHARED / "weights" / "weights-inception-2015-12-05-6726825d.pth").is_file():
     os.environ.setdefault(
         "DIFFUSION_LAB_INCEPTION_WEIGHTS", str(SHARED / "weights" / "weights-inception-2015-12-05-6726825d.pth")
     )
+# pytest-xdist runs the suite on every core (pyproject's addopts): one compute thread per worker, inherited by the
+# CLI runs the tests start, so that the workers share the cores instead of oversubscribing them.
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # Small, fast settings shared by the training tests: the tiny U-Net on 8×8 digits, a few steps.
 FAST = [
     "experiment=quickstart",
@@ -38,12 +47,40 @@ FAST = [
 ]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules holding a ``slow`` test first: xdist hands out whole modules in collection order, so the long ones
+    start at once and the short ones fill the end, instead of one worker finishing a long module alone."""
+    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow_modules)  # stable: the order within each part stays
+
+
+def shared_tmp(tmp_path_factory) -> Path:
+    """The session's temporary folder that every pytest-xdist worker sees (each worker's own basetemp sits in it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """``make(folder)`` runs once per test session, not once per xdist worker: the first worker to arrive builds
+    the folder under a file lock, the others wait and reuse it. A failed build is retried by the next caller."""
+    folder = shared_tmp(tmp_path_factory) / name
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".complete").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            make(folder)
+            (folder / ".complete").touch()
+    return folder
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_reference_cache_per_session(tmp_path_factory):
-    """Every evaluation in the session (in-process or CLI) shares one torch-fidelity cache: the digits'
-    reference features are extracted once (~45 s of Inception on this CPU), not once per test."""
+    """Every evaluation in the session (in-process or CLI, on any xdist worker) shares one torch-fidelity cache:
+    the digits' reference features are extracted once, not once per test."""
     previous = os.environ.get("DIFFUSION_LAB_CACHE_DIR")
-    os.environ["DIFFUSION_LAB_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    cache = shared_tmp(tmp_path_factory) / "cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["DIFFUSION_LAB_CACHE_DIR"] = str(cache)
     yield
     if previous is None:
         os.environ.pop("DIFFUSION_LAB_CACHE_DIR", None)
@@ -98,11 +135,14 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, module: str = "diffu
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
-    """A briefly trained tiny model on the 8×8 digits (10 steps), made once through the CLI."""
-    run = tmp_path_factory.mktemp("train") / "run"
-    result = run_cli([*FAST, f"hydra.run.dir={run}"], cwd=run.parent)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run / "checkpoints" / "last.ckpt"
+    """A briefly trained tiny model on the 8×8 digits (10 steps), made once per session through the CLI. Tests
+    only read it."""
+
+    def train(folder: Path) -> None:
+        result = run_cli([*FAST, f"hydra.run.dir={folder / 'run'}"], cwd=folder)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return made_once(tmp_path_factory, "checkpoint", train) / "run" / "checkpoints" / "last.ckpt"
 
 
 def skip_or_fail(reason: str) -> None:
@@ -115,14 +155,17 @@ def skip_or_fail(reason: str) -> None:
 
 @pytest.fixture(scope="session")
 def quickstart_sweep(tmp_path_factory) -> Path:
-    """A real 2×2 multirun (schedule × loss weighting) of the tiny quickstart, made once through the CLI."""
-    sweep = tmp_path_factory.mktemp("multirun") / "sweep"
-    result = run_cli(
-        ["-m", "schedule=linear,cosine", "loss_weighting=uniform,min_snr", *FAST, f"hydra.sweep.dir={sweep}"],
-        cwd=sweep.parent,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return sweep
+    """A real 2×2 multirun (schedule × loss weighting) of the tiny quickstart, made once per session through the
+    CLI. test_report appends evaluation records to its jobs; other tests only read their checkpoints."""
+
+    def sweep(folder: Path) -> None:
+        result = run_cli(
+            ["-m", "schedule=linear,cosine", "loss_weighting=uniform,min_snr", *FAST, f"hydra.sweep.dir={folder}"],
+            cwd=folder,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return made_once(tmp_path_factory, "multirun", sweep)
 
 
 @pytest.fixture

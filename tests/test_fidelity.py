@@ -1,11 +1,15 @@
 """FID through our wrapper is torch-fidelity's FID: zero for a set against itself, equal to a direct
-``torch_fidelity.calculate_metrics`` call on the same images, and worse for a degraded set.
+``torch_fidelity.calculate_metrics`` call on the same images, and worse for a degraded set. Concurrent jobs
+meeting a cold reference cache wait for the one extracting it.
 
 Inception costs ~0.25 s per image on this CPU, so the test uses 24 images, each set extracted once."""
+
+import threading
 
 import pytest
 import torch
 import torch_fidelity
+from filelock import FileLock
 
 from diffusion_lab.data import DigitsDataModule
 from diffusion_lab.evaluation.fidelity import FEATURE_EXTRACTOR, fidelity_metrics
@@ -24,15 +28,36 @@ class PlainRGB(torch.utils.data.Dataset):
         return self.images[index].repeat(3, 1, 1)
 
 
-def test_fid_is_zero_for_a_set_against_itself_equals_torch_fidelity_and_orders_quality(inception_weights, tmp_path):
+def test_fid_is_zero_for_itself_equals_torch_fidelity_orders_quality_and_waits_for_a_cold_reference(
+    inception_weights, tmp_path
+):
     images = DigitsDataModule(image_size=8).reference_images("train")[:24]
     generator = torch.Generator().manual_seed(0)
     noise = torch.randint(-60, 61, images.shape, generator=generator)
     degraded = (images.int() + noise).clamp(0, 255).to(torch.uint8)
     common = {"reference_name": "self-24", "weights_path": inception_weights, "cache_dir": tmp_path, "batch_size": 24}
 
-    itself = fidelity_metrics(images, images, ["fid"], **common)["fid"]
-    worse = fidelity_metrics(degraded, images, ["fid"], **common)["fid"]  # reference now from the cache
+    results = {}
+
+    def evaluate_in_thread(name: str, samples: torch.Tensor) -> threading.Thread:
+        def job() -> None:
+            results[name] = fidelity_metrics(samples, images, ["fid"], **common)["fid"]
+
+        thread = threading.Thread(target=job)
+        thread.start()
+        return thread
+
+    another_job = FileLock(str(tmp_path / "self-24.lock"))
+    with another_job:  # another job is extracting this (uncached) reference: ours waits for it
+        cold = evaluate_in_thread("itself", images)
+        cold.join(timeout=3)
+        assert cold.is_alive() and results == {}
+    cold.join(timeout=300)
+    with another_job:  # the reference is cached now: the lock no longer holds anyone up
+        cached = evaluate_in_thread("worse", degraded)
+        cached.join(timeout=300)
+        assert not cached.is_alive()
+    itself, worse = results["itself"], results["worse"]
     direct = torch_fidelity.calculate_metrics(
         input1=PlainRGB(degraded), input2=PlainRGB(images), fid=True, cuda=False, batch_size=24, verbose=False,
         feature_extractor=FEATURE_EXTRACTOR, feature_extractor_weights_path=inception_weights,

@@ -123,23 +123,23 @@ def test_fid_and_kid_with_the_real_inception_and_a_cached_reference(
 ):
     cache = Path(os.environ["DIFFUSION_LAB_CACHE_DIR"]) / "fidelity"  # shared by the session's evaluations
     first = evaluate_cli(
-        tmp_path / "e1", f"ckpt_path={checkpoint}", "num_samples=30", "sampler.num_steps=10", "metrics=[fid,kid]",
+        tmp_path / "e1", f"ckpt_path={checkpoint}", "num_samples=10", "sampler.num_steps=10", "metrics=[fid,kid]",
     )  # fmt: skip
     assert first.returncode == 0, first.stderr[-3000:]
     report = json.loads((tmp_path / "e1" / "metrics.json").read_text())
     metrics, protocol = report["metrics"], report["protocol"]
     assert metrics["fid"] > 0 and np.isfinite(metrics["fid"]) and np.isfinite(metrics["kid_mean"])
-    assert protocol["num_samples"] == 30 and protocol["num_reference"] == 180 and protocol["dataset"] == "digits"
+    assert protocol["num_samples"] == 10 and protocol["num_reference"] == 180 and protocol["dataset"] == "digits"
     assert protocol["nfe_per_sample"] == 10 and protocol["ema"] is True and protocol["global_step"] == 10
     assert protocol["feature_extractor"] == "inception-v3-compat" and protocol["seed"] == 0
     cached = {p.name for p in cache.iterdir()}
     assert {
         "diffusion_lab-digits-val-1x8x8-n180-inception-v3-compat-features-2048.pt",
         "diffusion_lab-digits-val-1x8x8-n180-inception-v3-compat-stat-fid-2048.pt",
-        "diffusion_lab-digits-val-1x8x8-n180-floor-train-n30.json",  # the real-data floor, at the same N
+        "diffusion_lab-digits-val-1x8x8-n180-floor-train-n10.json",  # the real-data floor, at the same N
     } <= cached
     floor = protocol["real_data_floor"]
-    assert floor["n"] == 30 and floor["split"] == "train" and 0 < floor["fid"] < metrics["fid"]
+    assert floor["n"] == 10 and floor["split"] == "train" and 0 < floor["fid"] < metrics["fid"]
     # Second time: the same samples from their npz; the reference must come from the cache, never re-read.
     from diffusion_lab import evaluate
 

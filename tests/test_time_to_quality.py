@@ -17,6 +17,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import time_to_quality  # noqa: E402
 
+# Its module fixture takes minutes on a 2-core CPU.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def benchmark_run(tmp_path_factory):

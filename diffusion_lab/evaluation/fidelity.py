@@ -2,17 +2,20 @@
 
 All four use torch-fidelity's ``inception-v3-compat`` network (the TF FID Inception), so the numbers compare with
 the literature and one set of reference features serves every metric. Reference features are cached on disk
-under a name built from the dataset, split, resolution and size of the reference set.
+under a name built from the dataset, split, resolution and size of the reference set; concurrent jobs that meet
+an uncached reference (a parallel sweep's evaluations, test workers) extract its features once, under a file lock.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from torch.utils.data import Dataset
 
 from diffusion_lab.errors import ConfigError, UserError
@@ -129,25 +132,30 @@ def fidelity_metrics(
     if "prc" in metrics and smallest <= prc_neighborhood:
         raise ConfigError(f"Precision/recall needs more than prc_neighborhood={prc_neighborhood} images per set.")
     os.makedirs(cache_dir, exist_ok=True)
-    result = torch_fidelity.calculate_metrics(
-        input1=Images(samples),
-        input2=ReferenceImages(reference),
-        input2_cache_name=reference_name,
-        cache_root=str(cache_dir),
-        cache=True,
-        cuda=torch.cuda.is_available(),
-        batch_size=batch_size,
-        feature_extractor=FEATURE_EXTRACTOR,
-        feature_extractor_weights_path=weights_path,
-        fid="fid" in metrics,
-        kid="kid" in metrics,
-        isc="isc" in metrics,
-        prc="prc" in metrics,
-        kid_subset_size=min(kid_subset_size, smallest),
-        prc_neighborhood=prc_neighborhood,
-        save_cpu_ram=True,
-        verbose=verbose,
-    )
+    # The first job to need these reference features computes them holding the lock; the others wait, then read
+    # torch-fidelity's (atomically written) cache instead of extracting the same features again.
+    cached = Path(cache_dir) / f"{reference_name}-{'-'.join(sorted(metrics))}.cached"
+    with nullcontext() if cached.is_file() else FileLock(f"{Path(cache_dir) / reference_name}.lock"):
+        result = torch_fidelity.calculate_metrics(
+            input1=Images(samples),
+            input2=ReferenceImages(reference),
+            input2_cache_name=reference_name,
+            cache_root=str(cache_dir),
+            cache=True,
+            cuda=torch.cuda.is_available(),
+            batch_size=batch_size,
+            feature_extractor=FEATURE_EXTRACTOR,
+            feature_extractor_weights_path=weights_path,
+            fid="fid" in metrics,
+            kid="kid" in metrics,
+            isc="isc" in metrics,
+            prc="prc" in metrics,
+            kid_subset_size=min(kid_subset_size, smallest),
+            prc_neighborhood=prc_neighborhood,
+            save_cpu_ram=True,
+            verbose=verbose,
+        )
+        cached.touch()
     return {RESULT_KEYS.get(key, key): float(value) for key, value in result.items()}
 
 
