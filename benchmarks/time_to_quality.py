@@ -258,10 +258,6 @@ def spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} (min {min(values):.2f}, max {max(values):.2f}, {len(values)} runs)"
 
 
-def mean_fid(results) -> float:
-    return statistics.mean(r.metrics["fid"] for r in results)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=sorted(CASES), default="mnist")

@@ -123,8 +123,10 @@ def sampler_grid(
     names = list(grid.get("sampler") or [])
     spacings = list(grid.get("timestep_spacing") or [])
     steps = list(grid.get("num_steps") or [])
-    own = sampler_option(base_option) if base_option and names else base
-    overridden = {k: v for k, v in base.items() if k != "sampler" and own.get(k) != v}
+    overridden = {}
+    if names and base_option:  # what the job changed from its own option's file
+        own = sampler_option(base_option)
+        overridden = {k: v for k, v in base.items() if k != "sampler" and own.get(k) != v}
     bases = [{**sampler_option(name), **overridden} for name in names] or [dict(base)]
     cells = []
     for settings, spacing, num_steps in itertools.product(bases, spacings or [None], steps or [None]):
