@@ -98,7 +98,7 @@ def build(name: str, layout: dict, args: argparse.Namespace) -> Contender:
         model = UNet(
             size,
             channels,
-            channels_last=args.channels_last,
+            channels_last={"true": True, "false": False}.get(args.channels_last, args.channels_last),
             winograd=name == "ours",
             **layout["ours"],
         )
@@ -189,8 +189,10 @@ TIME_CATEGORIES = {
 
 
 def time_breakdown(step: Callable[[], None], device: str) -> dict[str, float]:
-    """Milliseconds of one profiled step per category, from each operator's self time (device time on a
-    GPU), so that nested operators are not counted twice."""
+    """Milliseconds of one profiled step per category, from each operator's self time, so that nested
+    operators are not counted twice. On a GPU that is the device time of the kernels each operator launched
+    itself: kernel names (cuDNN's, cutlass') say little, the aten operator that launched them says what
+    they compute."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     on_gpu = torch.device(device).type == "cuda"
     if on_gpu:
@@ -199,17 +201,16 @@ def time_breakdown(step: Callable[[], None], device: str) -> dict[str, float]:
         step()
         synchronize(device)
     breakdown = dict.fromkeys([*TIME_CATEGORIES, "other"], 0.0)
-    if on_gpu:
-        for average in profiler.key_averages():
-            breakdown[_category(average.key)] += average.self_device_time_total / 1e3
-        return breakdown
     for event in profiler.events():
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue  # a kernel: counted in the self device time of the operator that launched it
         # The Winograd weight gradient is made of matmuls and additions; count them as what they compute.
         enclosing, parent = event.name, event.cpu_parent
         while parent is not None:
             enclosing = parent.name if "winograd" in parent.name else enclosing
             parent = parent.cpu_parent
-        breakdown[_category(enclosing)] += event.self_cpu_time_total / 1e3
+        self_time = event.self_device_time_total if on_gpu else event.self_cpu_time_total
+        breakdown[_category(enclosing)] += self_time / 1e3
     return breakdown
 
 
@@ -305,9 +306,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile every model's forward")
     parser.add_argument(
         "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="our UNet's channels_last option (the peers run as their authors ship them)",
+        choices=["auto", "true", "false"],
+        default="auto",
+        help="our UNet's channels_last option; auto = NHWC on CPUs, NCHW on CUDA (the peers run as shipped)",
     )
     parser.add_argument(
         "--models",

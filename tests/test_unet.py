@@ -165,6 +165,25 @@ def test_channels_last_and_contiguous_layouts_agree():
     assert torch.allclose(fast(x, t), plain(x, t), atol=1e-5)
 
 
+def _weights_in(model: UNet, layout: torch.memory_format) -> bool:
+    # 4-d weights with more than one input channel: for one channel both layouts are the same strides.
+    weights = [p for p in model.parameters() if p.dim() == 4 and p.shape[1] > 1]
+    return all(p.is_contiguous(memory_format=layout) for p in weights)
+
+
+def test_auto_layout_is_nhwc_on_cpu_and_follows_the_weights_to_another_device():
+    model = small_unet()  # channels_last="auto"
+    assert _weights_in(model, torch.channels_last) and not _weights_in(model, torch.contiguous_format)
+    model.to("meta")  # any non-CPU device (CUDA here would be the same path): NCHW
+    assert _weights_in(model, torch.contiguous_format) and not _weights_in(model, torch.channels_last)
+    model.to_empty(device="cpu")
+    assert _weights_in(model, torch.channels_last)
+    forced = small_unet(channels_last=True).to("meta")  # an explicit choice is kept on any device
+    assert _weights_in(forced, torch.channels_last)
+    with pytest.raises(ValueError, match=r"channels_last='yes' is not a layout; set model\.channels_last to auto"):
+        small_unet(channels_last="yes")
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     model = small_unet()
     checkpointed = small_unet(gradient_checkpointing=True)
