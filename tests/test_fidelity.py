@@ -6,13 +6,20 @@ Inception costs ~0.25 s per image on this CPU, so the test uses 24 images, each 
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 import torch_fidelity
 from filelock import FileLock
 
 from diffusion_lab.data import DigitsDataModule
-from diffusion_lab.evaluation.fidelity import FEATURE_EXTRACTOR, fidelity_metrics
+from diffusion_lab.evaluation.fidelity import (
+    FEATURE_EXTRACTOR,
+    fidelity_metrics,
+    frechet_distance,
+    symmetric_fid,
+    trace_sqrt_product,
+)
 
 
 class PlainRGB(torch.utils.data.Dataset):
@@ -66,3 +73,36 @@ def test_fid_is_zero_for_itself_equals_torch_fidelity_orders_quality_and_waits_f
     assert abs(itself) < 1e-3
     assert worse == pytest.approx(direct, rel=1e-6)
     assert worse > 10.0  # ±60 grey levels of noise is far from the digits
+
+
+def _features(rng: np.random.Generator, count: int, mixing: np.ndarray) -> np.ndarray:
+    return np.abs(rng.standard_normal((count, mixing.shape[0])) @ mixing)  # ReLU-like, correlated
+
+
+@pytest.mark.parametrize("count", [5, 40, 400])  # rank 4 and 39 (fewer images than dimensions), and full rank
+def test_fid_cross_term_is_exact_and_equals_torch_fidelitys_eigvals_route(count):
+    """FID from symmetric solvers (pivoted Cholesky of Σ₁, eigvalsh of Fᵀ Σ₂ F) against the exact cross term
+    (Σ₁'s factor taken from the centred features themselves) and torch-fidelity's own statistics-to-FID
+    function, on covariances of low and full rank; and tr √(Σ Σ) = tr Σ."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+
+    rng = np.random.default_rng(count)
+    mixing = rng.standard_normal((64, 64)) * 0.1
+    features_1, features_2 = _features(rng, count, mixing), _features(rng, 1000, mixing)
+    stat_1 = {"mu": features_1.mean(0), "sigma": np.cov(features_1, rowvar=False)}
+    stat_2 = {"mu": rng.standard_normal(64), "sigma": np.cov(features_2, rowvar=False)}
+    factor = (features_1 - features_1.mean(0)).T / np.sqrt(count - 1)
+    exact = np.sqrt(np.clip(np.linalg.eigvalsh(factor.T @ stat_2["sigma"] @ factor), 0, None)).sum()
+    assert trace_sqrt_product(stat_1["sigma"], stat_2["sigma"]) == pytest.approx(exact, rel=1e-7)
+    expected = fid_statistics_to_metric(stat_1, stat_2, verbose=False)["frechet_inception_distance"]
+    assert frechet_distance(stat_1, stat_2)["frechet_inception_distance"] == pytest.approx(expected, rel=1e-6)
+    assert trace_sqrt_product(stat_1["sigma"], stat_1["sigma"]) == pytest.approx(np.trace(stat_1["sigma"]), rel=1e-9)
+
+
+def test_the_faster_fid_is_used_inside_evaluations_only():
+    import torch_fidelity.metrics as hooked
+
+    own = hooked.fid_statistics_to_metric
+    with symmetric_fid(), symmetric_fid():  # nested (or concurrent) uses share one swap
+        assert hooked.fid_statistics_to_metric is frechet_distance
+    assert hooked.fid_statistics_to_metric is own
