@@ -339,7 +339,11 @@ def evaluate_checkpoint(job: Evaluation, run_dir: Path, path: Path, cells: list[
             module, checkpoint = load_module(str(path), use_ema=cfg.use_ema)
         report = job.score(module=module, checkpoint=checkpoint, checkpoint_path=str(path), settings=settings)
         if report is not None:
-            append_record(run_dir, stamped(report))
+            if not append_record(run_dir, stamped(report), unless_recorded=True):
+                # Another evaluation job on this run scored the same cell meanwhile; one record is enough.
+                summary["skipped"] += 1
+                log.info("recorded meanwhile elsewhere: %s %s %s", run_dir.name, path.name, settings.get("sampler"))
+                continue
             summary["records"].append({"run": str(run_dir), **{k: report[k] for k in ("metrics", "protocol")}})
             log.info("%s %s %s: %s", run_dir.name, path.name, settings.get("sampler"), json.dumps(report["metrics"]))
         summary["evaluated"] += 1

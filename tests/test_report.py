@@ -79,7 +79,7 @@ def test_a_sweep_is_evaluated_over_the_sampler_grid_with_the_same_seeds(evaluate
     # nothing in the run folders changed but the appended records
     after = snapshot(sweep)
     added = {name for name in after if name not in before}
-    assert all(name.endswith("eval/metrics.jsonl") for name in added)
+    assert all(name.endswith(("eval/metrics.jsonl", "eval/metrics.jsonl.lock")) for name in added)
     assert all(after[name] == digest for name, digest in before.items() if not name.endswith("metrics.jsonl"))
 
 
@@ -274,6 +274,33 @@ def test_a_record_from_before_the_sigma_sampler_settings_is_the_same_measurement
     assert done_metrics(tmp_path, {**base, "sampler": new}) == {"fid"}
     assert done_metrics(tmp_path, {**base, "sampler": {**new, "s_churn": 5.0}}) == set()
     assert done_metrics(tmp_path, {**base, "sampler": {**new, "timestep_spacing": "karras"}}) == set()
+
+
+def test_two_jobs_scoring_the_same_cell_record_it_once(tmp_path):
+    """Two evaluation jobs started on one run both score a cell neither had recorded; the one that appends second
+    (it waits for the run's lock while the other writes) finds the cell recorded and drops its copy."""
+    import threading
+
+    from filelock import FileLock
+
+    from diffusion_lab.evaluation.records import append_record, read_records, records_path
+
+    protocol = {"checkpoint_file": "checkpoints/last.ckpt", "global_step": 10, "ema": True, "num_samples": 4,
+                "seed": 0, "sampler": {"sampler": "ddim", "num_steps": 2}}  # fmt: skip
+    record = {"protocol": protocol, "requested": ["fid"], "metrics": {"fid": 7.0}}
+    written = []
+    with FileLock(f"{records_path(tmp_path)}.lock"):  # the other job is appending its record right now
+        records_path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+        records_path(tmp_path).write_text(json.dumps(record) + "\n")
+        second = threading.Thread(target=lambda: written.append(append_record(tmp_path, record, unless_recorded=True)))
+        second.start()
+        second.join(timeout=1)
+        assert second.is_alive() and written == []  # it waits for the lock
+    second.join(timeout=30)
+    assert written == [False] and len(read_records(tmp_path)) == 1
+    # another metric of the same cell, or a plain append (a re-evaluation by ckpt_path), is written
+    assert append_record(tmp_path, {**record, "requested": ["kid"]}, unless_recorded=True)
+    assert append_record(tmp_path, record) and len(read_records(tmp_path)) == 3
 
 
 def test_the_sampler_grid_crosses_samplers_spacings_and_steps():

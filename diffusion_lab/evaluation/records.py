@@ -9,6 +9,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from diffusion_lab.configs import SamplerConfig
 
 RECORDS = Path("eval") / "metrics.jsonl"
@@ -72,18 +74,24 @@ def done_metrics(run_dir: Path, protocol: dict[str, Any]) -> set[str]:
     }
 
 
-def append_record(run_dir: Path, record: dict[str, Any]) -> Path:
-    """One line, written with a single write and fsync'ed: a kill leaves at most a partial last line."""
+def append_record(run_dir: Path, record: dict[str, Any], unless_recorded: bool = False) -> bool:
+    """One line, written with a single write and fsync'ed: a kill leaves at most a partial last line. Appends
+    hold the run's lock, so concurrent evaluation jobs never interleave; with ``unless_recorded`` a record whose
+    measurement another job recorded meanwhile (same key, its metrics) is dropped. Returns whether it was
+    written."""
     path = records_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True) + "\n"
-    if path.is_file() and path.stat().st_size and not ends_with_newline(path):
-        line = "\n" + line  # a line cut short by a kill stays alone (and unreadable), not glued to this one
-    with open(path, "a") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return path
+    with FileLock(f"{path}.lock"):
+        if unless_recorded and set(record.get("requested", [])) <= done_metrics(run_dir, record["protocol"]):
+            return False
+        line = json.dumps(record, sort_keys=True) + "\n"
+        if path.is_file() and path.stat().st_size and not ends_with_newline(path):
+            line = "\n" + line  # a line cut short by a kill stays alone (and unreadable), not glued to this one
+        with open(path, "a") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return True
 
 
 def ends_with_newline(path: Path) -> bool:
