@@ -13,6 +13,7 @@ import torch_fidelity
 from filelock import FileLock
 
 from diffusion_lab.data import DigitsDataModule
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.evaluation.fidelity import (
     FEATURE_EXTRACTOR,
     fidelity_metrics,
@@ -97,6 +98,12 @@ def test_fid_cross_term_is_exact_and_equals_torch_fidelitys_eigvals_route(count)
     expected = fid_statistics_to_metric(stat_1, stat_2, verbose=False)["frechet_inception_distance"]
     assert frechet_distance(stat_1, stat_2)["frechet_inception_distance"] == pytest.approx(expected, rel=1e-6)
     assert trace_sqrt_product(stat_1["sigma"], stat_1["sigma"]) == pytest.approx(np.trace(stat_1["sigma"]), rel=1e-9)
+
+
+def test_one_sample_is_refused_before_any_feature_is_extracted(tmp_path):
+    images = torch.zeros(3, 1, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ConfigError, match=r"FID and KID need at least 2 samples and 2 reference images .* got 1 and 3"):
+        fidelity_metrics(images[:1], images, ["fid"], reference_name="r", weights_path="unused", cache_dir=tmp_path)
 
 
 def test_the_faster_fid_is_used_inside_evaluations_only():

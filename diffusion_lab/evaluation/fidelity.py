@@ -130,8 +130,11 @@ def fidelity_metrics(
     if unknown:
         raise ConfigError(f"Unknown metrics {unknown}; valid choices: {', '.join(FIDELITY_METRICS)}, nll.")
     smallest = min(len(samples), len(reference))
-    if "kid" in metrics and smallest < 2:
-        raise ConfigError("KID needs at least 2 samples and 2 reference images.")
+    if ("kid" in metrics or "fid" in metrics) and smallest < 2:
+        raise ConfigError(
+            f"FID and KID need at least 2 samples and 2 reference images (a covariance), got {len(samples)} and "
+            f"{len(reference)}; raise num_samples."
+        )
     if "prc" in metrics and smallest <= prc_neighborhood:
         raise ConfigError(f"Precision/recall needs more than prc_neighborhood={prc_neighborhood} images per set.")
     os.makedirs(cache_dir, exist_ok=True)
