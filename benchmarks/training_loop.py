@@ -100,17 +100,9 @@ def bare_steps_per_s(cfg: DictConfig, args: argparse.Namespace) -> float:
     layout = {"image_size": cfg.data.image_size, "channels": cfg.data.channels}
     contender = unet_throughput.Contender("ours", net, lambda x, t: net(x, t))
     step = unet_throughput.make_step(unet_throughput._finish(contender, bench), bench, layout)
-    for _ in range(3):
-        step()
-    rounds = []
-    for _ in range(5):
-        unet_throughput.synchronize(args.device)
-        start = time.perf_counter()
-        for _ in range(args.bare_steps):
-            step()
-        unet_throughput.synchronize(args.device)
-        rounds.append(args.bare_steps / (time.perf_counter() - start))
-    return statistics.median(rounds)
+    unet_throughput.seconds_per_step(step, args.device, 3)  # warm-up
+    rounds = [unet_throughput.seconds_per_step(step, args.device, args.bare_steps) for _ in range(5)]
+    return 1.0 / statistics.median(rounds)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -160,6 +160,16 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def seconds_per_step(step: Callable[[], None], device: str, steps: int) -> float:
+    """Mean wall time of ``steps`` calls of ``step``, the device drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
 def training_flops(contender: Contender, args: argparse.Namespace, layout: dict) -> int:
     """Model FLOPs of one forward + backward (torch.utils.flop_counter counts matmuls and convolutions),
     counted on the stock kernels: the Winograd weight gradient does fewer multiplications for the same
@@ -359,12 +369,7 @@ def main() -> None:
     seconds: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
-            synchronize(args.device)
-            start = time.perf_counter()
-            for _ in range(args.steps_per_round):
-                step()
-            synchronize(args.device)
-            seconds[name].append((time.perf_counter() - start) / args.steps_per_round)
+            seconds[name].append(seconds_per_step(step, args.device, args.steps_per_round))
 
     memory = {} if args.no_memory else {name: measure_peak_memory(name, args) for name in steps}
     results = {}
