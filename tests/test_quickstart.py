@@ -39,7 +39,7 @@ def test_quickstart_samples_are_recognisable_digits(tmp_path):
     assert confident.mean() >= 0.7
     assert set(predicted[confident]) == set(range(10))
     assert np.bincount(predicted, minlength=10).max() <= 0.25 * len(predicted)  # no collapse onto a few digits
-    assert (tmp_path / "run" / "samples" / "step_0000700.png").is_file()
+    assert (tmp_path / "run" / "samples" / "step_0000350.png").is_file()
 
 
 @pytest.mark.slow
