@@ -205,7 +205,13 @@ class RunsCodeWhenUnpickled:
 
 
 @pytest.mark.parametrize("job", ["sample", "evaluate", "train"])
-def test_a_checkpoint_crafted_to_run_code_is_refused_and_the_code_never_runs(checkpoint, tmp_path, job):
+def test_a_checkpoint_crafted_to_run_code_is_refused_and_the_code_never_runs(
+    checkpoint, tmp_path, job, compose_config, capsys
+):
+    """In-process through each job's CLI error path (the CLIs themselves are run by other tests)."""
+    from diffusion_lab.evaluate import evaluate
+    from diffusion_lab.sample import sample
+
     marker = tmp_path / "code_ran"
     crafted = torch.load(checkpoint, weights_only=True)
     crafted["payload"] = RunsCodeWhenUnpickled(marker)
@@ -216,12 +222,13 @@ def test_a_checkpoint_crafted_to_run_code_is_refused_and_the_code_never_runs(che
         "evaluate": ["num_samples=4", "metrics=[nll]"],
         "train": [*FAST],
     }[job]
-    result = run_cli(
-        [*args, f"ckpt_path={evil}", f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path, module=f"diffusion_lab.{job}"
-    )
-    assert result.returncode == 1
-    assert f"Refused to load {evil}" in result.stderr and "could run code" in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    cfg = compose_config([*args, f"ckpt_path={evil}"], run_dir=tmp_path / "out", config_name=job)
+    with pytest.raises(SystemExit) as exit_info:
+        report_user_errors({"sample": sample, "evaluate": evaluate, "train": train}[job], cfg)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 1
+    assert f"Refused to load {evil}" in error and "could run code" in error, error[-2000:]
+    assert "Traceback" not in error
     assert not marker.exists()
 
 

@@ -39,11 +39,11 @@ class PlainRGB(torch.utils.data.Dataset):
 def test_fid_is_zero_for_itself_equals_torch_fidelity_orders_quality_and_waits_for_a_cold_reference(
     inception_weights, tmp_path
 ):
-    images = DigitsDataModule(image_size=8).reference_images("train")[:12]
+    images = DigitsDataModule(image_size=8).reference_images("train")[:6]
     generator = torch.Generator().manual_seed(0)
     noise = torch.randint(-60, 61, images.shape, generator=generator)
     degraded = (images.int() + noise).clamp(0, 255).to(torch.uint8)
-    common = {"reference_name": "self-12", "weights_path": inception_weights, "cache_dir": tmp_path, "batch_size": 12}
+    common = {"reference_name": "self-6", "weights_path": inception_weights, "cache_dir": tmp_path, "batch_size": 6}
 
     results = {}
 
@@ -55,7 +55,7 @@ def test_fid_is_zero_for_itself_equals_torch_fidelity_orders_quality_and_waits_f
         thread.start()
         return thread
 
-    another_job = FileLock(str(tmp_path / "self-12.lock"))
+    another_job = FileLock(str(tmp_path / "self-6.lock"))
     with another_job:  # another job is extracting this (uncached) reference: ours waits for it
         cold = evaluate_in_thread("itself", images)
         cold.join(timeout=3)
@@ -67,7 +67,7 @@ def test_fid_is_zero_for_itself_equals_torch_fidelity_orders_quality_and_waits_f
         assert not cached.is_alive()
     itself, worse = results["itself"], results["worse"]
     direct = torch_fidelity.calculate_metrics(
-        input1=PlainRGB(degraded), input2=PlainRGB(images), fid=True, cuda=False, batch_size=12, verbose=False,
+        input1=PlainRGB(degraded), input2=PlainRGB(images), fid=True, cuda=False, batch_size=6, verbose=False,
         feature_extractor=FEATURE_EXTRACTOR, feature_extractor_weights_path=inception_weights,
     )["frechet_inception_distance"]  # fmt: skip
 

@@ -157,20 +157,32 @@ def test_fid_and_kid_with_the_real_inception_and_a_cached_reference(
     assert second["metrics"]["fid"] == pytest.approx(metrics["fid"], rel=1e-6)
 
 
-def test_inception_score_is_refused_with_weights_that_lack_a_classifier(checkpoint, tmp_path, inception_weights):
-    result = evaluate_cli(tmp_path / "e", f"ckpt_path={checkpoint}", "metrics=[isc]")
-    assert result.returncode == 1
-    assert "no classifier layer" in result.stderr and "Traceback" not in result.stderr
+def evaluation_error(compose_config, out: Path, capsys, *overrides: str) -> str:
+    """The evaluation job's one-line error, in-process through the CLI's error path (the CLI itself runs in the
+    FID test); the exit status must be 1."""
+    from diffusion_lab.evaluate import evaluate
+    from diffusion_lab.runs import report_user_errors
+
+    with pytest.raises(SystemExit) as exit_info:
+        report_user_errors(evaluate, compose_config(list(overrides), run_dir=out, config_name="evaluate"))
+    assert exit_info.value.code == 1
+    return capsys.readouterr().err
 
 
-def test_no_weights_and_no_network_is_one_clear_error(checkpoint, tmp_path):
-    result = evaluate_cli(
-        tmp_path / "e", f"ckpt_path={checkpoint}", "metrics=[fid]", "eval.inception_weights=null",
-        env_extra={"TORCH_HOME": str(tmp_path / "torch_home"), "DIFFUSION_LAB_INCEPTION_URL": "http://127.0.0.1:9/weights.pth"},
-    )  # fmt: skip
-    assert result.returncode == 1
-    assert "Could not download the FID Inception weights" in result.stderr
-    assert "eval.inception_weights=" in result.stderr and "Traceback" not in result.stderr
+def test_inception_score_is_refused_with_weights_that_lack_a_classifier(
+    checkpoint, tmp_path, inception_weights, compose_config, capsys
+):
+    error = evaluation_error(compose_config, tmp_path / "e", capsys, f"ckpt_path={checkpoint}", "metrics=[isc]")
+    assert "no classifier layer" in error and "Traceback" not in error
+
+
+def test_no_weights_and_no_network_is_one_clear_error(checkpoint, tmp_path, compose_config, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.setenv("DIFFUSION_LAB_INCEPTION_URL", "http://127.0.0.1:9/weights.pth")
+    overrides = [f"ckpt_path={checkpoint}", "metrics=[fid]", "eval.inception_weights=null"]
+    error = evaluation_error(compose_config, tmp_path / "e", capsys, *overrides)
+    assert "Could not download the FID Inception weights" in error
+    assert "eval.inception_weights=" in error and "Traceback" not in error
 
 
 def test_nll_is_finite_and_falls_with_training(tmp_path, compose_config):
