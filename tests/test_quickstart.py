@@ -47,6 +47,7 @@ def test_class_conditional_quickstart_samples_the_requested_digit(tmp_path, comp
     """A short class-conditional quickstart; `sample class_label=… guidance_scale=…` must draw the asked-for
     digits (labelled so by a classifier fitted on real digits well above the 10 % of chance), and record the
     labels in samples.npz's arr_1."""
+    from diffusion_lab.sample import sample
     from diffusion_lab.train import train
 
     run = tmp_path / "run"
@@ -55,12 +56,11 @@ def test_class_conditional_quickstart_samples_the_requested_digit(tmp_path, comp
                  "callbacks.progress_bar=null", "callbacks.model_summary=null"]  # fmt: skip
     train(compose_config(overrides, run_dir=run))
     asked = list(range(10)) * 10
-    result = run_cli(
-        [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "num_samples=100", "class_label=[0,1,2,3,4,5,6,7,8,9]",
-         "guidance_scale=2", "sampler=dpm_solver", f"hydra.run.dir={tmp_path / 'samples'}"],
-        cwd=tmp_path, module="diffusion_lab.sample",
+    sample(  # the sample job as its CLI runs it (the CLI itself is run by test_sample_evaluate)
+        compose_config([f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "num_samples=100",
+                        "class_label=[0,1,2,3,4,5,6,7,8,9]", "guidance_scale=2", "sampler=dpm_solver"],
+                       run_dir=tmp_path / "samples", config_name="sample")
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
     with np.load(tmp_path / "samples" / "samples.npz") as archive:
         images, labels = archive["arr_0"], archive["arr_1"]
     assert labels.tolist() == asked
