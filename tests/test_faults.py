@@ -68,10 +68,9 @@ def assert_bitwise_equal(a: dict, b: dict, where: str = "") -> None:
             assert a[key] == b[key], f"{where}.{key}: {a[key]} != {b[key]}"
 
 
-def test_a_run_killed_mid_epoch_resumes_to_the_same_final_weights(tmp_path):
-    straight = tmp_path / "straight"
-    result = run_cli([*KILLABLE, f"hydra.run.dir={straight}"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_a_run_killed_mid_epoch_resumes_to_the_same_final_weights(tmp_path, compose_config):
+    straight = tmp_path / "straight"  # the uninterrupted run, in-process; the killed and the resumed run are CLIs
+    train(compose_config(KILLABLE, run_dir=straight))
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(
@@ -295,29 +294,37 @@ def test_bad_training_input_ends_in_one_clear_line_and_leaves_saved_results_alon
     assert not (tmp_path / "outputs" / "now" / "checkpoints").exists()
 
 
-def test_ddp_ranks_end_with_identical_weights_and_a_resumed_ddp_run_is_bit_exact(tmp_path):
-    """Two CPU processes: both ranks end with the same raw and EMA weights; and resuming the run from its
-    step-5 checkpoint ends bitwise where the uninterrupted run did, which needs every rank to restore its own
-    random generators (restoring rank 0's on both would draw the same noise on both and diverge)."""
+def test_ddp_in_bf16_shares_one_run_folder_ends_with_identical_ranks_and_resumes_bit_exact(tmp_path):
+    """Two CPU processes under bf16-mixed autocast (one launch per run: DDP launches are the suite's dearest) write
+    one run folder; both ranks end with the same raw and EMA weights; and resuming the run from its step-5
+    checkpoint ends bitwise where the uninterrupted run did, which needs every rank to restore its own random
+    generators (restoring rank 0's on both would draw the same noise on both and diverge)."""
+    outputs = tmp_path / "outputs"
 
     def ddp_run(name: str, *extra: str) -> dict:
         dumps = tmp_path / f"dumps_{name}"
         result = run_cli(
-            [*FAST, "trainer=ddp_cpu", "data.batch_size=32", "callbacks.sample_grid=null",
+            [*FAST, "trainer=ddp_cpu", "trainer.precision=bf16-mixed", "data.batch_size=32",
              "+callbacks.dump._target_=tests.fault_injection.DumpWeightsPerRank", f"+callbacks.dump.output_dir={dumps}",
-             f"hydra.run.dir={tmp_path / name}", *extra],
+             f"paths.log_dir={outputs}", f"hydra.run.dir={outputs / name}", *extra],
             cwd=tmp_path, env_extra={"PYTHONPATH": str(REPO_ROOT)},
         )  # fmt: skip
         assert result.returncode == 0, result.stderr[-3000:]
         return {r: torch.load(dumps / f"weights_rank{r}.pt", weights_only=True) for r in (0, 1)}
 
     full = ddp_run("full")
+    assert [p.name for p in outputs.iterdir()] == ["full"]  # one run folder for both ranks
+    assert len(list((outputs / "full" / "samples").iterdir())) == 2
+    last = torch.load(outputs / "full" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 10
+    assert last["diffusion_lab_config"]["trainer"]["precision"] == "bf16-mixed"
+    assert last["diffusion_lab_config"]["trainer"]["devices"] == 2
     assert_bitwise_equal(full[0], full[1])
     assert any(not torch.equal(full[0]["raw"][k], full[0]["ema"][k]) for k in full[0]["raw"])  # both were trained
-    resumed = ddp_run("resumed", f"ckpt_path={tmp_path / 'full' / 'checkpoints' / 'step_0000005.ckpt'}")
+    resumed = ddp_run("resumed", f"ckpt_path={outputs / 'full' / 'checkpoints' / 'step_0000005.ckpt'}")
     assert_bitwise_equal(resumed[0], full[0])
     assert_bitwise_equal(resumed[1], full[1])
-    saved = torch.load(tmp_path / "full" / "checkpoints" / "step_0000005.ckpt", weights_only=True)
+    saved = torch.load(outputs / "full" / "checkpoints" / "step_0000005.ckpt", weights_only=True)
     assert len(saved["rng_states"]) == 2  # one state per rank
 
 

@@ -201,31 +201,6 @@ def test_mnist_trains_from_the_data_dir(compose_config, mnist_root):
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
 
 
-def test_ddp_on_two_cpu_processes_in_bf16_shares_one_run_directory(tmp_path):
-    """Two DDP processes under bf16-mixed autocast (one launch for both, DDP launches are the suite's dearest)
-    write one run folder."""
-    run_dir = tmp_path / "outputs" / "ddp_run"
-    result = run_cli(
-        [
-            *FAST,
-            "trainer=ddp_cpu",
-            "trainer.precision=bf16-mixed",
-            "data.batch_size=32",
-            f"paths.log_dir={tmp_path / 'outputs'}",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["ddp_run"]
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    assert len(list((run_dir / "samples").iterdir())) == 2
-    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    assert checkpoint["global_step"] == 10
-    assert checkpoint["diffusion_lab_config"]["trainer"]["precision"] == "bf16-mixed"
-    assert checkpoint["diffusion_lab_config"]["trainer"]["devices"] == 2
-
-
 def test_a_two_by_two_multirun_sweep(quickstart_sweep):
     sweep = quickstart_sweep
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
