@@ -41,7 +41,7 @@ PEER_GRID = tuple(
 CASES = {
     # our recipe (an experiment file), its dataset, the default budget in seconds, overrides for an offline machine
     "mnist": {"experiment": "mnist_cpu", "data": "mnist", "budget": 600.0, "data_overrides": ["data.download=false"]},
-    # the quickstart's own 350 steps take about a minute: at 120 s it runs the earlier 700-step ε recipe (README)
+    # the quickstart's own 350 steps take about 90 s: at 120 s it runs the earlier 700-step ε recipe (README)
     "digits": {
         "experiment": "quickstart",
         "data": "digits",
