@@ -24,16 +24,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import unet_throughput
 
 from diffusion_lab.build import build_module
-from diffusion_lab.configs import register_configs
-from diffusion_lab.train import CONFIG_DIR, train
+from diffusion_lab.compose import compose_job
+from diffusion_lab.train import train
 
 CLOCKS: list[StepClock] = []  # the clocks Hydra instantiated, newest last
 
@@ -59,26 +57,13 @@ def compose_run(args: argparse.Namespace, overrides: list[str]) -> DictConfig:
     first, last = args.warmup, args.warmup + args.steps
     trainer_group = "gpu" if args.device == "cuda" else "cpu"
     precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
-    register_configs()
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                f"experiment={args.experiment}", f"trainer={trainer_group}", f"trainer.precision={precision}",
-                f"data.batch_size={args.batch_size}", "data.download=false", f"trainer.max_steps={last + 1}",
-                "trainer.limit_val_batches=0", "callbacks.sample_grid=null", "logger=csv", "print_config=false",
-                *overrides,
-            ],
-            return_hydra_config=True,
-        )  # fmt: skip
-    run_dir = tempfile.mkdtemp(prefix="training_loop_")
+    overrides = [
+        f"experiment={args.experiment}", f"trainer={trainer_group}", f"trainer.precision={precision}",
+        f"data.batch_size={args.batch_size}", "data.download=false", f"trainer.max_steps={last + 1}",
+        "trainer.limit_val_batches=0", "callbacks.sample_grid=null", "logger=csv", "print_config=false", *overrides,
+    ]  # fmt: skip
+    cfg = compose_job("train", overrides, tempfile.mkdtemp(prefix="training_loop_"))
     with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = run_dir
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    with open_dict(cfg):
-        cfg.paths.output_dir = run_dir
-        del cfg["hydra"]
         cfg.callbacks.step_clock = {"_target_": f"{__name__}.StepClock", "first": first, "last": last}
     return cfg
 

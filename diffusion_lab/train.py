@@ -20,6 +20,7 @@ from omegaconf import DictConfig, open_dict
 
 from diffusion_lab.build import build_module, storable_config
 from diffusion_lab.checkpoints import load_checkpoint
+from diffusion_lab.compose import CONFIG_DIR
 from diffusion_lab.configs import register_configs
 from diffusion_lab.console import route_lightning_logs
 from diffusion_lab.runs import (
@@ -31,7 +32,6 @@ from diffusion_lab.runs import (
 )
 from diffusion_lab.secrets import refuse_secrets
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
 register_configs()
 

@@ -12,13 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from filelock import FileLock
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from diffusion_lab.configs import register_configs
-from diffusion_lab.train import CONFIG_DIR
+from diffusion_lab.compose import compose_job
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
@@ -112,23 +109,13 @@ def _offline_wandb(monkeypatch):
 
 @pytest.fixture
 def compose_config(tmp_path: Path) -> Callable[..., DictConfig]:
-    """compose_config(overrides, run_dir=None) → the train config as the CLI would build it, writing under tmp_path."""
-    register_configs()
+    """compose_config(overrides, run_dir=None, config_name="train") → the job's config as its CLI would build it,
+    writing under tmp_path (earlier runs looked up under tmp_path/outputs)."""
 
     def _compose(overrides: list[str] = (), run_dir: Path | None = None, config_name: str = "train") -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
-        run_dir = run_dir or tmp_path / "run"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = compose_job(config_name, overrides, run_dir or tmp_path / "run")
         with open_dict(cfg):
-            cfg.hydra.runtime.output_dir = str(run_dir)
-            cfg.hydra.job.num = 0
-        HydraConfig().set_config(cfg)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(run_dir)
             cfg.paths.log_dir = str(tmp_path / "outputs")
-            del cfg["hydra"]
         return cfg
 
     yield _compose
