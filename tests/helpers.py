@@ -1,7 +1,9 @@
-"""Shared test helpers: exact denoisers for Gaussian data, to check samplers against known answers."""
+"""Shared test helpers: exact denoisers for Gaussian data (samplers against known answers), fake datasets on
+disk, W&B records, and a job's one-line user error."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from diffusion_lab.diffusion.schedules import NoiseSchedule
@@ -134,3 +136,14 @@ def read_wandb_records(path):
             record.ParseFromString(pending)
             records.append(record)
     return records
+
+
+def user_error(job, cfg, capsys) -> str:
+    """Run ``job(cfg)`` through the CLIs' own error path (``report_user_errors``) in this process; it must end with
+    exit status 1. Returns what it printed on stderr."""
+    from diffusion_lab.runs import report_user_errors
+
+    with pytest.raises(SystemExit) as exit_info:
+        report_user_errors(job, cfg)
+    assert exit_info.value.code == 1
+    return capsys.readouterr().err

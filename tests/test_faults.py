@@ -19,6 +19,7 @@ from diffusion_lab.secrets import secrets_in
 from diffusion_lab.train import train
 from tests.conftest import FAST, REPO_ROOT, run_cli
 from tests.fault_injection import RecordWeights
+from tests.helpers import user_error
 
 # A run long enough to be killed in the middle of an epoch (12 batches of 128 digits per epoch), checkpointing
 # every 7 steps so checkpoints fall mid-epoch, with validation, EMA, LR warm-up and cosine decay all active.
@@ -222,10 +223,7 @@ def test_a_checkpoint_crafted_to_run_code_is_refused_and_the_code_never_runs(
         "train": [*FAST],
     }[job]
     cfg = compose_config([*args, f"ckpt_path={evil}"], run_dir=tmp_path / "out", config_name=job)
-    with pytest.raises(SystemExit) as exit_info:
-        report_user_errors({"sample": sample, "evaluate": evaluate, "train": train}[job], cfg)
-    error = capsys.readouterr().err
-    assert exit_info.value.code == 1
+    error = user_error({"sample": sample, "evaluate": evaluate, "train": train}[job], cfg, capsys)
     assert f"Refused to load {evil}" in error and "could run code" in error, error[-2000:]
     assert "Traceback" not in error
     assert not marker.exists()
@@ -278,17 +276,11 @@ def test_bad_training_input_ends_in_one_clear_line_and_leaves_saved_results_alon
     tmp_path, overrides, message, compose_config, capsys
 ):
     """In-process (the CLI's own error path, report_user_errors, without a process start per case)."""
-    from diffusion_lab.runs import report_user_errors
-    from diffusion_lab.train import train
-
     folder = make_image_folder(tmp_path) if any("{folder}" in o for o in overrides) else None
     fill = {"tmp": tmp_path, "folder": folder}
     overrides = [o.format(**fill) for o in overrides]
     saved = earlier_result(tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        report_user_errors(train, compose_config([*FAST, *overrides], run_dir=tmp_path / "outputs" / "now"))
-    assert exit_info.value.code == 1
-    error = capsys.readouterr().err
+    error = user_error(train, compose_config([*FAST, *overrides], run_dir=tmp_path / "outputs" / "now"), capsys)
     assert message.format(**fill) in error and error.strip().startswith("Error:"), error[-2000:]
     assert saved.read_bytes() == b"a result from an earlier run"
     assert not (tmp_path / "outputs" / "now" / "checkpoints").exists()

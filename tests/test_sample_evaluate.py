@@ -10,6 +10,7 @@ from PIL import Image
 
 from diffusion_lab.evaluation import fidelity
 from tests.conftest import FAST, run_cli
+from tests.helpers import user_error
 
 
 def sample_cli(checkpoint: Path, out: Path, *extra: str):
@@ -82,7 +83,6 @@ def test_bad_sampling_requests_end_in_one_clear_line(checkpoint, tmp_path, extra
     """In-process through the CLI's error path (one real CLI case is the missing checkpoint below)."""
     import re
 
-    from diffusion_lab.runs import report_user_errors
     from diffusion_lab.sample import sample
 
     earlier = tmp_path / "bad" / "samples.npz"  # results of an earlier run in the same folder stay as they were
@@ -90,15 +90,12 @@ def test_bad_sampling_requests_end_in_one_clear_line(checkpoint, tmp_path, extra
     earlier.write_bytes(b"earlier samples")
     cfg = compose_config([f"ckpt_path={checkpoint}", "sampler.num_steps=10", *extra], run_dir=tmp_path / "bad",
                          config_name="sample")  # fmt: skip
-    with pytest.raises(SystemExit) as exit_info:
-        report_user_errors(sample, cfg)
-    error = capsys.readouterr().err
-    assert exit_info.value.code == 1 and earlier.read_bytes() == b"earlier samples"
+    error = user_error(sample, cfg, capsys)
+    assert earlier.read_bytes() == b"earlier samples"
     assert re.search(message, error) and error.strip().startswith("Error:"), error[-2000:]
 
 
 def test_a_missing_or_corrupt_checkpoint_is_a_clear_error(checkpoint, tmp_path, compose_config, capsys):
-    from diffusion_lab.runs import report_user_errors
     from diffusion_lab.sample import sample
 
     missing = sample_cli(tmp_path / "nope.ckpt", tmp_path / "m")  # the sample CLI's real error path
@@ -106,10 +103,8 @@ def test_a_missing_or_corrupt_checkpoint_is_a_clear_error(checkpoint, tmp_path, 
     corrupt = tmp_path / "half.ckpt"
     corrupt.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
     cfg = compose_config([f"ckpt_path={corrupt}"], run_dir=tmp_path / "c", config_name="sample")
-    with pytest.raises(SystemExit) as exit_info:
-        report_user_errors(sample, cfg)
-    error = capsys.readouterr().err
-    assert exit_info.value.code == 1 and "truncated or corrupt" in error and "Traceback" not in error
+    error = user_error(sample, cfg, capsys)
+    assert "truncated or corrupt" in error and "Traceback" not in error
 
 
 def evaluate_cli(out: Path, *args: str, env_extra=None):
@@ -157,30 +152,23 @@ def test_fid_and_kid_with_the_real_inception_and_a_cached_reference(
     assert second["metrics"]["fid"] == pytest.approx(metrics["fid"], rel=1e-6)
 
 
-def evaluation_error(compose_config, out: Path, capsys, *overrides: str) -> str:
-    """The evaluation job's one-line error, in-process through the CLI's error path (the CLI itself runs in the
-    FID test); the exit status must be 1."""
-    from diffusion_lab.evaluate import evaluate
-    from diffusion_lab.runs import report_user_errors
-
-    with pytest.raises(SystemExit) as exit_info:
-        report_user_errors(evaluate, compose_config(list(overrides), run_dir=out, config_name="evaluate"))
-    assert exit_info.value.code == 1
-    return capsys.readouterr().err
-
-
 def test_inception_score_is_refused_with_weights_that_lack_a_classifier(
     checkpoint, tmp_path, inception_weights, compose_config, capsys
 ):
-    error = evaluation_error(compose_config, tmp_path / "e", capsys, f"ckpt_path={checkpoint}", "metrics=[isc]")
+    from diffusion_lab.evaluate import evaluate
+
+    cfg = compose_config([f"ckpt_path={checkpoint}", "metrics=[isc]"], run_dir=tmp_path / "e", config_name="evaluate")
+    error = user_error(evaluate, cfg, capsys)
     assert "no classifier layer" in error and "Traceback" not in error
 
 
 def test_no_weights_and_no_network_is_one_clear_error(checkpoint, tmp_path, compose_config, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setenv("DIFFUSION_LAB_INCEPTION_URL", "http://127.0.0.1:9/weights.pth")
+    from diffusion_lab.evaluate import evaluate
+
     overrides = [f"ckpt_path={checkpoint}", "metrics=[fid]", "eval.inception_weights=null"]
-    error = evaluation_error(compose_config, tmp_path / "e", capsys, *overrides)
+    error = user_error(evaluate, compose_config(overrides, run_dir=tmp_path / "e", config_name="evaluate"), capsys)
     assert "Could not download the FID Inception weights" in error
     assert "eval.inception_weights=" in error and "Traceback" not in error
 
