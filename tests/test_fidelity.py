@@ -14,8 +14,10 @@ from filelock import FileLock
 
 from diffusion_lab.data import DigitsDataModule
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.evaluation import fidelity
 from diffusion_lab.evaluation.fidelity import (
     FEATURE_EXTRACTOR,
+    feature_extractor_for,
     fidelity_metrics,
     frechet_distance,
     symmetric_fid,
@@ -37,8 +39,12 @@ class PlainRGB(torch.utils.data.Dataset):
 
 
 def test_fid_is_zero_for_itself_equals_torch_fidelity_orders_quality_and_waits_for_a_cold_reference(
-    inception_weights, tmp_path
+    inception_weights, tmp_path, monkeypatch
 ):
+    symmetric_calls = []  # FID alone takes torch-fidelity's FID-only shortcut: ours must still use frechet_distance
+    monkeypatch.setattr(
+        fidelity, "frechet_distance", lambda *args, **kw: symmetric_calls.append(1) or frechet_distance(*args, **kw)
+    )
     images = DigitsDataModule(image_size=8).reference_images("train")[:6]
     generator = torch.Generator().manual_seed(0)
     noise = torch.randint(-60, 61, images.shape, generator=generator)
@@ -71,9 +77,30 @@ def test_fid_is_zero_for_itself_equals_torch_fidelity_orders_quality_and_waits_f
         feature_extractor=FEATURE_EXTRACTOR, feature_extractor_weights_path=inception_weights,
     )["frechet_inception_distance"]  # fmt: skip
 
-    assert abs(itself) < 1e-3
-    assert worse == pytest.approx(direct, rel=1e-6)
+    assert abs(itself) < 1e-3 and len(symmetric_calls) == 2
+    # The direct call runs the stock (NCHW) network, ours its channels-last copy on CPU: equal to float rounding.
+    assert worse == pytest.approx(direct, rel=1e-5)
     assert worse > 10.0  # ±60 grey levels of noise is far from the digits
+
+
+def test_the_channels_last_inception_gives_the_stock_features_under_the_stock_name(inception_weights):
+    """What the evaluation job runs on CPU: the stock network's features (to float rounding) and name (so the cache
+    files and the protocol say inception-v3-compat), with its convolution weights really stored channels-last."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    images = DigitsDataModule(image_size=8).reference_images("train")[:2].expand(-1, 3, -1, -1)
+    stock, ours = (
+        create_feature_extractor(
+            name, ["2048"], cuda=False, verbose=False, feature_extractor_weights_path=inception_weights
+        )
+        for name in (FEATURE_EXTRACTOR, feature_extractor_for(cuda=False))
+    )
+    assert feature_extractor_for(cuda=True) == FEATURE_EXTRACTOR and ours.get_name() == FEATURE_EXTRACTOR
+    assert ours.Conv2d_4a_3x3.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not stock.Conv2d_4a_3x3.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected, features = stock(images)[0], ours(images)[0]
+    assert torch.allclose(features, expected, rtol=1e-4, atol=1e-5)
 
 
 def _features(rng: np.random.Generator, count: int, mixing: np.ndarray) -> np.ndarray:
@@ -107,9 +134,12 @@ def test_one_sample_is_refused_before_any_feature_is_extracted(tmp_path):
 
 
 def test_the_faster_fid_is_used_inside_evaluations_only():
-    import torch_fidelity.metrics as hooked
+    """Both of torch-fidelity's callers (FID with other metrics, and its FID-only shortcut) are swapped inside."""
+    import torch_fidelity.metric_fid as fid_only
+    import torch_fidelity.metrics as with_others
 
-    own = hooked.fid_statistics_to_metric
+    own = {module: module.fid_statistics_to_metric for module in (with_others, fid_only)}
     with symmetric_fid(), symmetric_fid():  # nested (or concurrent) uses share one swap
-        assert hooked.fid_statistics_to_metric is frechet_distance
-    assert hooked.fid_statistics_to_metric is own
+        assert with_others.fid_statistics_to_metric is frechet_distance
+        assert fid_only.fid_statistics_to_metric is frechet_distance
+    assert all(module.fid_statistics_to_metric is function for module, function in own.items())

@@ -120,7 +120,7 @@ def test_the_real_data_floor_equals_a_direct_torch_fidelity_call(evaluated_sweep
         cache_root=os.path.join(os.environ["DIFFUSION_LAB_CACHE_DIR"], "fidelity"), batch_size=8,
         feature_extractor=FEATURE_EXTRACTOR, feature_extractor_weights_path=inception_weights,
     )["frechet_inception_distance"]  # fmt: skip
-    assert floor["fid"] == pytest.approx(direct, rel=1e-6)
+    assert floor["fid"] == pytest.approx(direct, rel=1e-5)  # stock NCHW network against our channels-last copy
 
 
 def test_the_report_of_an_evaluated_sweep(evaluated_sweep, tmp_path):
