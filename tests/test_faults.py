@@ -100,12 +100,13 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_final_weights(tmp_path, comp
     assert_bitwise_equal(final_state(resumed / "checkpoints" / "last.ckpt"), expected)
 
 
+# The writer is a child process importing only torch and diffusion_lab.atomic_save (~2 s, not Lightning's ~6 s).
+KILL_WHILE_PICKLED = """
 class KillWhilePickled:
-    """Pickling this object (mid-way through torch.save) kills the process, as an OOM killer or scancel would."""
-
+    # Pickling this object (mid-way through torch.save) kills the process, as an OOM killer or scancel would.
     def __reduce__(self):
         os.kill(os.getpid(), signal.SIGKILL)
-
+"""
 
 KILL_POINTS = {
     # torch.save is pickling the new checkpoint into the file
@@ -124,8 +125,8 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(t
     script = "\n".join(
         [
             "import os, signal, torch",
-            "from diffusion_lab.checkpoint_io import atomic_torch_save",
-            "from tests.test_faults import KillWhilePickled",
+            "from diffusion_lab.atomic_save import atomic_torch_save",
+            KILL_WHILE_PICKLED,
             f"path = {str(path)!r}",
             'atomic_torch_save({"global_step": 7, "weights": torch.ones(1000)}, path)',
             KILL_POINTS[moment],
@@ -137,7 +138,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(t
     assert survivor["global_step"] == 7 and torch.equal(survivor["weights"], torch.ones(1000))
     # The killed writer's partial file is left beside it, and the next successful write clears it away.
     assert len(list(tmp_path.glob(".last.ckpt.*.partial"))) == 1
-    from diffusion_lab.checkpoint_io import atomic_torch_save
+    from diffusion_lab.atomic_save import atomic_torch_save
 
     atomic_torch_save({"global_step": 8}, path)
     assert torch.load(path, weights_only=True) == {"global_step": 8}
