@@ -138,12 +138,13 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, module: str = "diffu
 
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
-    """A briefly trained tiny model on the 8×8 digits (10 steps), made once per session through the CLI. Tests
-    only read it."""
+    """A briefly trained tiny model on the 8×8 digits (10 steps), made once per session (in-process: the train CLI
+    runs for real in test_quickstart and test_faults). Tests only read it."""
 
     def train(folder: Path) -> None:
-        result = run_cli([*FAST, f"hydra.run.dir={folder / 'run'}"], cwd=folder)
-        assert result.returncode == 0, result.stderr[-3000:]
+        from diffusion_lab.train import train as train_job
+
+        train_job(compose_job("train", [*FAST, f"paths.log_dir={folder / 'outputs'}"], folder / "run"))
 
     return made_once(tmp_path_factory, "checkpoint", train) / "run" / "checkpoints" / "last.ckpt"
 

@@ -118,7 +118,7 @@ def test_the_real_data_floor_equals_a_direct_torch_fidelity_call(evaluated_sweep
         input1=PlainRGB(train[chosen]), input2=PlainRGB(reference), fid=True, cuda=False, verbose=False,
         input2_cache_name=reference_cache_name("digits", "val", reference), cache=True,
         cache_root=os.path.join(os.environ["DIFFUSION_LAB_CACHE_DIR"], "fidelity"), batch_size=8,
-        feature_extractor=FEATURE_EXTRACTOR, feature_extractor_weights_path=inception_weights,
+        feature_extractor=FEATURE_EXTRACTOR, feature_extractor_weights_path=inception_weights, save_cpu_ram=True,
     )["frechet_inception_distance"]  # fmt: skip
     assert floor["fid"] == pytest.approx(direct, rel=1e-5)  # stock NCHW network against our channels-last copy
 
