@@ -115,9 +115,10 @@ def resolve_inception_weights(configured: str | None, require_classifier: bool =
 
 def channels_last_inception() -> type:
     """torch-fidelity's ``inception-v3-compat`` with its weights stored channels-last (NHWC), where oneDNN's CPU
-    convolutions run it 1.5× faster (one core of a 2-core EPYC: 316 → 206 ms per image). Its features equal the
-    stock layout's to float rounding (1e-6 relative), so it keeps the stock name, and with it the cache files
-    and the name in every protocol: they describe the same network and weights."""
+    convolutions run it 1.5× faster (one core of a 2-core EPYC: 306 → 203 ms per image, measured by
+    benchmarks/inception_features.py). Its features equal the stock layout's to float rounding (2e-6 relative),
+    so it keeps the stock name, and with it the cache files and the name in every protocol: they describe the
+    same network and weights."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
     class ChannelsLastInception(FeatureExtractorInceptionV3):
