@@ -90,8 +90,8 @@ def run_module(module: str, overrides: list[str], log_path: Path) -> None:
 def evaluate(overrides: list[str], out_dir: Path, num_samples: int, seed: int, metrics: list[str]) -> dict:
     """The evaluation job's metrics.json for ``overrides`` (a checkpoint or a samples file). It runs in this
     process, composed as its CLI composes it: an interpreter per evaluation would add ~8 s of imports to each."""
-    from diffusion_lab.compose import compose_job
-    from diffusion_lab.evaluate import evaluate as evaluation_job
+    from diffusion_lab.config.compose import compose_job
+    from diffusion_lab.evaluation.job import evaluate as evaluation_job
 
     common = [f"num_samples={num_samples}", f"seed={seed}", f"metrics=[{','.join(metrics)}]", "logger=none"]
     evaluation_job(compose_job("evaluate", [*overrides, *common], out_dir))
@@ -143,7 +143,9 @@ def run_ours(case: dict, budget: float, num_samples: int, seed: int, out: Path, 
 def _config_value(run_dir: Path, dotted: str):
     from omegaconf import OmegaConf
 
-    return OmegaConf.select(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), dotted)
+    from diffusion_lab.runs.layout import run_config
+
+    return OmegaConf.select(run_config(run_dir), dotted)
 
 
 def training_images(data: str) -> torch.Tensor:
@@ -158,7 +160,7 @@ def training_images(data: str) -> torch.Tensor:
 
 def save_sample_grid(samples_npz: Path, path: Path, count: int = 100) -> Path:
     """The first ``count`` evaluated samples (uint8 N×H×W×C) as one PNG grid."""
-    from diffusion_lab.callbacks.sample_grid import save_grid
+    from diffusion_lab.generation.grids import save_grid
 
     with np.load(samples_npz) as archive:
         images = torch.from_numpy(archive["arr_0"][:count]).permute(0, 3, 1, 2)

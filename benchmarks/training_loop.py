@@ -29,8 +29,8 @@ from omegaconf import DictConfig, open_dict
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import unet_throughput
 
-from diffusion_lab.build import build_module
-from diffusion_lab.compose import compose_job
+from diffusion_lab.config.build import build_module
+from diffusion_lab.config.compose import compose_job
 from diffusion_lab.train import train
 
 CLOCKS: list[StepClock] = []  # the clocks Hydra instantiated, newest last

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion_lab.models import UNet, count_parameters
-from diffusion_lab.models.winograd import stock_kernels
+from diffusion_lab.models.kernels.winograd import stock_kernels
 
 # Dense bf16 / tf32 tensor-core peaks (TFLOP/s) for model-FLOPs utilisation.
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 494.0}, "H200": {"bf16": 989.0, "fp32": 494.0}}
@@ -86,7 +86,7 @@ class Contender:
 
 def winograd_active(device: str) -> bool:
     """Whether our U-Net takes the Winograd weight-gradient path here (CPU, and only where it pays: AVX2)."""
-    from diffusion_lab.models import winograd
+    from diffusion_lab.models.kernels import winograd
 
     return device == "cpu" and winograd.CPU_WINOGRAD
 

@@ -1,5 +1,5 @@
 """The 3×3 weight gradient of every wide residual convolution of the benchmark's U-Net: oneDNN's kernel
-against the Winograd one in ``diffusion_lab.models.winograd``, shape by shape, to show whether the Winograd
+against the Winograd one in ``diffusion_lab.models.kernels.winograd``, shape by shape, to show whether the Winograd
 path pays on this CPU.
 
     python benchmarks/winograd_weight_grad.py          # this CPU's own instruction set
@@ -21,8 +21,9 @@ from functools import partial
 
 import torch
 
-from diffusion_lab.models import UNet, winograd
-from diffusion_lab.models.winograd import Conv3x3, winograd_weight_grad
+from diffusion_lab.models import UNet
+from diffusion_lab.models.kernels import winograd
+from diffusion_lab.models.kernels.winograd import Conv3x3, winograd_weight_grad
 
 
 def winograd_eligible_shapes(model: UNet, batch_size: int) -> Counter[tuple[int, int, int]]:

@@ -13,11 +13,11 @@ from datetime import datetime
 from pathlib import Path
 
 from diffusion_lab.errors import ConfigError, UserError
-from diffusion_lab.evaluation.sweep import find_runs
 from diffusion_lab.reporting import figures
 from diffusion_lab.reporting.document import Document, to_html, to_markdown
-from diffusion_lab.reporting.runs import Run, load_run, sampler_label
+from diffusion_lab.reporting.run_data import Run, load_run, sampler_label
 from diffusion_lab.reporting.tables import Table, differing_overrides, groups_table, jobs_table, label_runs, seed_groups
+from diffusion_lab.runs.folders import find_runs
 
 SMALL_N = 10_000
 

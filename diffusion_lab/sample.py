@@ -10,32 +10,21 @@ import logging
 from pathlib import Path
 
 import hydra
-import numpy as np
-import torch
 from omegaconf import DictConfig
 
-from diffusion_lab.build import sampler_settings
-from diffusion_lab.callbacks.sample_grid import save_grid
-from diffusion_lab.checkpoints import load_module
-from diffusion_lab.configs import register_configs
+from diffusion_lab.cli.user_errors import config_errors, report_user_errors
+from diffusion_lab.config import CONFIG_DIR, register_configs
+from diffusion_lab.config.build import sampler_settings
 from diffusion_lab.diffusion.samplers import check_sampler_settings
-from diffusion_lab.runs import config_errors, report_user_errors, resolve_checkpoint
-from diffusion_lab.sampling import draw_samples, make_fabric, resolve_labels
-from diffusion_lab.trajectory import save_trajectory_figure, save_trajectory_gif
+from diffusion_lab.generation.draw import draw_samples, make_fabric, resolve_labels
+from diffusion_lab.generation.files import save_samples_npz
+from diffusion_lab.generation.grids import save_grid
+from diffusion_lab.generation.trajectory import save_trajectory_figure, save_trajectory_gif
+from diffusion_lab.runs.checkpoints import load_module
+from diffusion_lab.runs.folders import resolve_checkpoint
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger(__name__)
 register_configs()
-
-
-def save_samples_npz(path: Path, images: torch.Tensor, labels: torch.Tensor | None = None) -> Path:
-    """uint8 (N, C, H, W) → ``arr_0`` N×H×W×C (and ``arr_1`` labels), the layout ADM's evaluator reads."""
-    arrays = {"arr_0": images.permute(0, 2, 3, 1).contiguous().numpy()}
-    if labels is not None:
-        arrays["arr_1"] = labels.cpu().numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
-    return path
 
 
 def sample(cfg: DictConfig) -> Path | None:

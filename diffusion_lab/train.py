@@ -18,19 +18,14 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
-from diffusion_lab.build import build_module, storable_config
-from diffusion_lab.checkpoints import load_checkpoint
-from diffusion_lab.compose import CONFIG_DIR
-from diffusion_lab.configs import register_configs
-from diffusion_lab.console import route_lightning_logs
-from diffusion_lab.runs import (
-    config_errors,
-    instantiate_group,
-    print_config_tree,
-    report_user_errors,
-    resolve_checkpoint,
-)
-from diffusion_lab.secrets import refuse_secrets
+from diffusion_lab.cli.console import print_config_tree, route_lightning_logs
+from diffusion_lab.cli.user_errors import config_errors, report_user_errors
+from diffusion_lab.config import CONFIG_DIR, register_configs
+from diffusion_lab.config.build import build_module, instantiate_group, storable_config
+from diffusion_lab.config.secrets import refuse_secrets
+from diffusion_lab.runs.checkpoints import load_checkpoint
+from diffusion_lab.runs.folders import resolve_checkpoint
+from diffusion_lab.runs.layout import HYDRA_DIR
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -41,7 +36,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     route_lightning_logs()
     if cfg.get("print_config"):
         print_config_tree(cfg, Path(cfg.paths.output_dir) / "config_tree.log")
-    refuse_secrets(cfg, hydra_dir=Path(cfg.paths.output_dir) / ".hydra")
+    refuse_secrets(cfg, hydra_dir=Path(cfg.paths.output_dir) / HYDRA_DIR)
     L.seed_everything(cfg.seed, workers=True)
     with config_errors():
         checkpoint = resolve_checkpoint(

@@ -15,7 +15,7 @@ from filelock import FileLock
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-from diffusion_lab.compose import compose_job
+from diffusion_lab.config.compose import compose_job
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"

@@ -141,7 +141,7 @@ def read_wandb_records(path):
 def user_error(job, cfg, capsys) -> str:
     """Run ``job(cfg)`` through the CLIs' own error path (``report_user_errors``) in this process; it must end with
     exit status 1. Returns what it printed on stderr."""
-    from diffusion_lab.runs import report_user_errors
+    from diffusion_lab.cli.user_errors import report_user_errors
 
     with pytest.raises(SystemExit) as exit_info:
         report_user_errors(job, cfg)

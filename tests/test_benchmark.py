@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from diffusion_lab.models.winograd import CPU_WINOGRAD as WINOGRAD_ACTIVE
+from diffusion_lab.models.kernels.winograd import CPU_WINOGRAD as WINOGRAD_ACTIVE
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "unet_throughput.py"
 

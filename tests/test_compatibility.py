@@ -14,8 +14,8 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion_lab.checkpoints import load_checkpoint, load_module
-from diffusion_lab.evaluation.sweep import find_runs, select_checkpoints
+from diffusion_lab.runs.checkpoints import load_checkpoint, load_module
+from diffusion_lab.runs.folders import find_runs, select_checkpoints
 from tests.conftest import FAST
 
 FIXTURE = Path(__file__).parent / "fixtures" / "run_v0_1_0"

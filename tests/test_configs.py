@@ -9,8 +9,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from diffusion_lab.build import build_module, build_schedule
-from diffusion_lab.runs import instantiate_group
+from diffusion_lab.config.build import build_module, build_schedule, instantiate_group
 from diffusion_lab.train import CONFIG_DIR
 from tests.helpers import write_cifar10, write_idx_dataset, write_image_folder
 

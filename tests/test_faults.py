@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffusion_lab.cli.user_errors import report_user_errors
+from diffusion_lab.config.secrets import secrets_in
 from diffusion_lab.errors import NonFiniteLossError
-from diffusion_lab.runs import report_user_errors
-from diffusion_lab.secrets import secrets_in
 from diffusion_lab.train import train
 from tests.conftest import FAST, REPO_ROOT, run_cli
 from tests.fault_injection import RecordWeights
@@ -100,7 +100,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_final_weights(tmp_path, comp
     assert_bitwise_equal(final_state(resumed / "checkpoints" / "last.ckpt"), expected)
 
 
-# The writer is a child process importing only torch and diffusion_lab.atomic_save (~2 s, not Lightning's ~6 s).
+# The writer is a child process importing only torch and diffusion_lab.runs.atomic (~2 s, not Lightning's ~6 s).
 KILL_WHILE_PICKLED = """
 class KillWhilePickled:
     # Pickling this object (mid-way through torch.save) kills the process, as an OOM killer or scancel would.
@@ -124,8 +124,9 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(t
     path = tmp_path / "last.ckpt"
     script = "\n".join(
         [
-            "import os, signal, torch",
-            "from diffusion_lab.atomic_save import atomic_torch_save",
+            "import os, signal, sys, torch",
+            "from diffusion_lab.runs.atomic import atomic_torch_save",
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('lightning', 'hydra', 'omegaconf')]",
             KILL_WHILE_PICKLED,
             f"path = {str(path)!r}",
             'atomic_torch_save({"global_step": 7, "weights": torch.ones(1000)}, path)',
@@ -138,7 +139,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(t
     assert survivor["global_step"] == 7 and torch.equal(survivor["weights"], torch.ones(1000))
     # The killed writer's partial file is left beside it, and the next successful write clears it away.
     assert len(list(tmp_path.glob(".last.ckpt.*.partial"))) == 1
-    from diffusion_lab.atomic_save import atomic_torch_save
+    from diffusion_lab.runs.atomic import atomic_torch_save
 
     atomic_torch_save({"global_step": 8}, path)
     assert torch.load(path, weights_only=True) == {"global_step": 8}
@@ -148,7 +149,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_whole(t
 def test_the_trainer_writes_checkpoints_atomically(compose_config):
     from hydra.utils import instantiate
 
-    from diffusion_lab.checkpoint_io import AtomicCheckpointIO
+    from diffusion_lab.runs.checkpoint_io import AtomicCheckpointIO
 
     for trainer_option in ("default", "cpu", "ddp_cpu"):
         cfg = compose_config([*FAST, f"trainer={trainer_option}"])
@@ -210,7 +211,7 @@ def test_a_checkpoint_crafted_to_run_code_is_refused_and_the_code_never_runs(
     checkpoint, tmp_path, job, compose_config, capsys
 ):
     """In-process through each job's CLI error path (the CLIs themselves are run by other tests)."""
-    from diffusion_lab.evaluate import evaluate
+    from diffusion_lab.evaluation.job import evaluate
     from diffusion_lab.sample import sample
 
     marker = tmp_path / "code_ran"

@@ -173,9 +173,9 @@ def test_bad_variance_settings_are_one_clear_error(settings, message):
 def test_objective_hybrid_trains_samples_and_scores_its_likelihood(tmp_path, compose_config, capsys):
     """End to end: the checkpoint says it learned its variance, DDPM samples with it (other samplers with the
     mean alone), metrics=[nll] uses it, and asking learned_range of a fixed-variance checkpoint is one line."""
-    from diffusion_lab.checkpoints import load_module
-    from diffusion_lab.evaluate import evaluate
-    from diffusion_lab.runs import report_user_errors
+    from diffusion_lab.cli.user_errors import report_user_errors
+    from diffusion_lab.evaluation.job import evaluate
+    from diffusion_lab.runs.checkpoints import load_module
     from diffusion_lab.sample import sample as sample_job
     from diffusion_lab.train import train
 

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from torchvision.datasets import MNIST
 
-from diffusion_lab.build import build_module
+from diffusion_lab.config.build import build_module
 
 STEPS = 150
 SAMPLES = 200

@@ -4,8 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_lab.build import build_module
-from diffusion_lab.callbacks import DiffusionEMA, save_grid
+from diffusion_lab.callbacks import DiffusionEMA
+from diffusion_lab.config.build import build_module
+from diffusion_lab.generation.grids import save_grid
 from diffusion_lab.lit import WarmupDecay
 from tests.test_unet import randomise_zero_layers
 

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
-from diffusion_lab.build import build_module
+from diffusion_lab.config.build import build_module
 from tests.conftest import run_cli
 
 

@@ -13,11 +13,11 @@ import torch
 import torch_fidelity
 
 from diffusion_lab import report
-from diffusion_lab.configs import plain
-from diffusion_lab.evaluate import evaluate
+from diffusion_lab.config.schemas import plain
 from diffusion_lab.evaluation.fidelity import FEATURE_EXTRACTOR, reference_cache_name
-from diffusion_lab.evaluation.records import read_records
-from diffusion_lab.reporting.runs import Run
+from diffusion_lab.evaluation.job import evaluate
+from diffusion_lab.reporting.run_data import Run
+from diffusion_lab.runs.records import read_records
 from tests.conftest import run_cli
 from tests.test_fidelity import PlainRGB
 
@@ -245,7 +245,7 @@ def test_bad_report_and_sweep_input_is_one_clear_line(tmp_path, compose_config, 
 
 
 def test_checkpoints_all_takes_every_step_and_last_only_when_its_step_is_new(tmp_path):
-    from diffusion_lab.evaluation.sweep import RunFolder, select_checkpoints
+    from diffusion_lab.runs.folders import RunFolder, select_checkpoints
 
     folder = tmp_path / "run" / "checkpoints"
     folder.mkdir(parents=True)
@@ -265,7 +265,7 @@ def test_checkpoints_all_takes_every_step_and_last_only_when_its_step_is_new(tmp
 def test_a_record_from_before_the_sigma_sampler_settings_is_the_same_measurement(tmp_path):
     """Records written before rho/s_churn/… existed lack them; at their defaults they are the same measurement
     (not redone), with churn they are not."""
-    from diffusion_lab.evaluation.records import append_record, done_metrics
+    from diffusion_lab.runs.records import append_record, done_metrics
 
     old = {"sampler": "ddim", "num_steps": 10, "eta": 0.0, "timestep_spacing": "trailing", "clip_sample": True}
     base = {"checkpoint_file": "last.ckpt", "global_step": 10, "ema": True, "num_samples": 4, "seed": 0}
@@ -283,7 +283,7 @@ def test_two_jobs_scoring_the_same_cell_record_it_once(tmp_path):
 
     from filelock import FileLock
 
-    from diffusion_lab.evaluation.records import append_record, read_records, records_path
+    from diffusion_lab.runs.records import append_record, read_records, records_path
 
     protocol = {"checkpoint_file": "checkpoints/last.ckpt", "global_step": 10, "ema": True, "num_samples": 4,
                 "seed": 0, "sampler": {"sampler": "ddim", "num_steps": 2}}  # fmt: skip
@@ -320,8 +320,7 @@ def test_the_sampler_grid_crosses_samplers_spacings_and_steps():
 def test_the_jobs_own_sampler_settings_reach_every_grid_sampler(compose_config):
     """`sampler=heun sampler.sigma_max=80 grid.sampler=[euler,heun]`: σ_max 80 in both cells (not each option's
     default), while what the job left at its option's default stays each option's own."""
-    from diffusion_lab.evaluate import sampler_choice
-    from diffusion_lab.evaluation.sweep import sampler_grid
+    from diffusion_lab.evaluation.sweep import sampler_choice, sampler_grid
 
     cfg = compose_config(["sampler=heun", "sampler.sigma_max=80", "grid.sampler=[euler,dpm_solver]",
                           "grid.num_steps=[6]"], config_name="evaluate")  # fmt: skip
@@ -335,7 +334,7 @@ def test_one_checkpoint_scored_by_several_samplers_is_one_panel_of_lines(tmp_pat
     """The sampler comparison figure: with a single group of runs, every sampler (and σ spacing) is a line of
     FID against network calls in one panel."""
     from diffusion_lab.reporting.figures import fid_against_nfe
-    from diffusion_lab.reporting.runs import sampler_label
+    from diffusion_lab.reporting.run_data import sampler_label
     from diffusion_lab.reporting.tables import Group
 
     one_run = SimpleNamespace(

@@ -149,7 +149,7 @@ def test_fid_and_kid_with_the_real_inception_and_a_cached_reference(
 def test_inception_score_is_refused_with_weights_that_lack_a_classifier(
     checkpoint, tmp_path, inception_weights, compose_config, capsys
 ):
-    from diffusion_lab.evaluate import evaluate
+    from diffusion_lab.evaluation.job import evaluate
 
     cfg = compose_config([f"ckpt_path={checkpoint}", "metrics=[isc]"], run_dir=tmp_path / "e", config_name="evaluate")
     error = user_error(evaluate, cfg, capsys)
@@ -159,7 +159,7 @@ def test_inception_score_is_refused_with_weights_that_lack_a_classifier(
 def test_no_weights_and_no_network_is_one_clear_error(checkpoint, tmp_path, compose_config, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.setenv("DIFFUSION_LAB_INCEPTION_URL", "http://127.0.0.1:9/weights.pth")
-    from diffusion_lab.evaluate import evaluate
+    from diffusion_lab.evaluation.job import evaluate
 
     overrides = [f"ckpt_path={checkpoint}", "metrics=[fid]", "eval.inception_weights=null"]
     error = user_error(evaluate, compose_config(overrides, run_dir=tmp_path / "e", config_name="evaluate"), capsys)

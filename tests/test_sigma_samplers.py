@@ -17,7 +17,7 @@ import torch
 from diffusion_lab.diffusion.samplers import network_calls, sample, sampler_sigmas, sampler_timesteps
 from diffusion_lab.diffusion.samplers.sigmas import sigma_grid, sigma_to_timestep, trained_sigmas
 from diffusion_lab.diffusion.schedules import make_schedule
-from diffusion_lab.sampling import nfe_per_sample
+from diffusion_lab.generation.draw import nfe_per_sample
 from tests.helpers import GaussianDataDenoiser
 
 SHAPE = (4, 3, 8, 8)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from diffusion_lab.configs import register_resolvers
+from diffusion_lab.config.schemas import register_resolvers
 from diffusion_lab.models import UNet, count_parameters
 from diffusion_lab.models.blocks import Upsample, group_norm
 from diffusion_lab.models.embeddings import sinusoidal_embedding

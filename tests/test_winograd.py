@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion_lab.models import UNet
-from diffusion_lab.models.winograd import (
+from diffusion_lab.models.kernels.winograd import (
     Conv3x3,
     _WinogradWeightGradConv,
     stock_kernels,
@@ -18,7 +18,7 @@ from diffusion_lab.models.winograd import (
 @pytest.fixture(autouse=True)
 def winograd_on_any_cpu(monkeypatch):
     """The path is taken on AVX2 CPUs only; these tests check its numbers and routing on whatever CPU runs them."""
-    monkeypatch.setattr("diffusion_lab.models.winograd.CPU_WINOGRAD", True)
+    monkeypatch.setattr("diffusion_lab.models.kernels.winograd.CPU_WINOGRAD", True)
 
 
 def test_taken_on_avx2_cpus_only():
@@ -28,7 +28,7 @@ def test_taken_on_avx2_cpus_only():
 
 
 def test_stock_kernels_where_the_cpu_does_not_pay(monkeypatch):
-    monkeypatch.setattr("diffusion_lab.models.winograd.CPU_WINOGRAD", False)
+    monkeypatch.setattr("diffusion_lab.models.kernels.winograd.CPU_WINOGRAD", False)
     out = Conv3x3(128, 64)(torch.randn(1, 128, 8, 8))
     assert type(out.grad_fn).__name__ == "ConvolutionBackward0"
 
@@ -167,7 +167,7 @@ def test_batch_chunks_add_up_to_the_whole_batch(monkeypatch):
     torch.manual_seed(0)
     x, grad_out = torch.randn(5, 8, 12, 8), torch.randn(5, 6, 12, 8)
     whole = winograd_weight_grad(x, grad_out)
-    monkeypatch.setattr("diffusion_lab.models.winograd.CHUNK_BYTES", 1)
+    monkeypatch.setattr("diffusion_lab.models.kernels.winograd.CHUNK_BYTES", 1)
     torch.testing.assert_close(winograd_weight_grad(x, grad_out), whole, rtol=0, atol=1e-5 * whole.abs().max().item())
     reference = stock_weight_grad(x.double(), grad_out.double(), 6)
     assert (winograd_weight_grad(x, grad_out).double() - reference).abs().max() / reference.abs().max() < 2e-5

@@ -4,6 +4,6 @@ from diffusion_lab.callbacks.checkpoint import RunCheckpoint
 from diffusion_lab.callbacks.ema import DiffusionEMA, find_ema
 from diffusion_lab.callbacks.fid import FIDCallback
 from diffusion_lab.callbacks.progress import StepProgressBar
-from diffusion_lab.callbacks.sample_grid import SampleGrid, save_grid
+from diffusion_lab.callbacks.sample_grid import SampleGrid
 
-__all__ = ["DiffusionEMA", "FIDCallback", "RunCheckpoint", "SampleGrid", "StepProgressBar", "find_ema", "save_grid"]
+__all__ = ["DiffusionEMA", "FIDCallback", "RunCheckpoint", "SampleGrid", "StepProgressBar", "find_ema"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -10,29 +9,10 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
-from torchvision.utils import make_grid, save_image
 
 from diffusion_lab.callbacks.ema import find_ema
 from diffusion_lab.data.base import to_uint8
-
-
-def image_grid(images: torch.Tensor, nrow: int | None = None, upscale_to: int = 0) -> torch.Tensor:
-    """uint8 (N, C, H, W) → one uint8 (3 or C, H', W') grid; tiny images are enlarged by nearest neighbour
-    to at least ``upscale_to`` pixels a side so 8×8 digits stay visible."""
-    if upscale_to and images.shape[-1] < upscale_to:
-        factor = math.ceil(upscale_to / images.shape[-1])
-        images = images.repeat_interleave(factor, dim=-1).repeat_interleave(factor, dim=-2)
-    nrow = nrow or max(1, int(math.sqrt(images.shape[0])))
-    return make_grid(images, nrow=nrow, padding=2, pad_value=255)
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, upscale_to: int = 32) -> Path:
-    """Write a PNG grid of uint8 images."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid = image_grid(images.cpu(), nrow, upscale_to)
-    save_image(grid.float() / 255.0, path)
-    return path
+from diffusion_lab.generation.grids import image_grid, save_grid
 
 
 class SampleGrid(L.Callback):

@@ -13,14 +13,19 @@ with 0-indexed timesteps and a decoder that integrates the Gaussian p_θ over ea
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 import torch
+from omegaconf import DictConfig
 
+from diffusion_lab.data.base import to_model_range
 from diffusion_lab.diffusion import GaussianDiffusion
 from diffusion_lab.diffusion.likelihood import discretized_gaussian_log_likelihood, normal_kl, vlb_term
+from diffusion_lab.diffusion.process import split_learned_variance
+from diffusion_lab.diffusion.samplers import resolve_variance_type
 
-__all__ = ["discretized_gaussian_log_likelihood", "nll_bits_per_dim", "normal_kl"]
+__all__ = ["discretized_gaussian_log_likelihood", "held_out_nll", "nll_bits_per_dim", "normal_kl"]
 
 
 @torch.no_grad()
@@ -59,3 +64,33 @@ def nll_bits_per_dim(
     parts = {"prior": prior.double() * nats_to_bits_per_dim, "denoising": denoising, "decoder": decoder}
     parts["total"] = parts["prior"] + parts["denoising"] + parts["decoder"]
     return parts
+
+
+def held_out_nll(module, reference: torch.Tensor, cfg: DictConfig, device, protocol: dict) -> dict[str, float]:
+    """Mean bits/dim of the variational bound over the first num_batches × batch_size held-out images."""
+    count = min(len(reference), cfg.nll.num_batches * cfg.nll.batch_size)
+    net = module.net
+
+    def model_fn(x_t, t):
+        if module.num_classes:  # the unconditional model that label dropout trained
+            return net(x_t, t, torch.full((x_t.shape[0],), module.null_label, device=x_t.device))
+        return net(x_t, t)
+
+    variance_type = resolve_variance_type(
+        {"sampler": "ddpm", "variance_type": cfg.nll.variance_type}, module.learned_variance
+    )["variance_type"]
+    if module.learned_variance and variance_type != "learned_range":  # the bound with a fixed σ²: the mean only
+        full_model_fn = model_fn
+        model_fn = lambda x_t, t: split_learned_variance(full_model_fn(x_t, t))[0]  # noqa: E731
+    generator = torch.Generator().manual_seed(cfg.seed)
+    totals = []
+    start = time.perf_counter()
+    for begin in range(0, count, cfg.nll.batch_size):
+        x0 = to_model_range(reference[begin : min(begin + cfg.nll.batch_size, count)].to(device))
+        bits = nll_bits_per_dim(model_fn, module.diffusion, x0, variance_type=variance_type, generator=generator)
+        totals.append(bits["total"].cpu())
+    values = torch.cat(totals)
+    protocol.update(
+        nll_images=count, nll_variance_type=variance_type, nll_seconds=round(time.perf_counter() - start, 1)
+    )
+    return {"nll_bpd": float(values.mean()), "nll_bpd_stderr": float(values.std() / max(len(values), 1) ** 0.5)}

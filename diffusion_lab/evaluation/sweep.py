@@ -1,113 +1,126 @@
-"""What a sweep evaluation walks: the run folders under the given paths, the checkpoints of each, and the grid
-of sampler settings every checkpoint is scored with."""
+"""Evaluating a sweep: every run under ``runs=`` × its selected checkpoints × a grid of sampler settings, each
+result appended to the run's eval/metrics.jsonl; a measurement already recorded there is skipped, so an
+interrupted sweep evaluation resumes where it stopped."""
 
 from __future__ import annotations
 
 import itertools
-import re
-from dataclasses import dataclass
+import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from omegaconf import OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.configs import SamplerConfig, plain
-from diffusion_lab.errors import ConfigError
+from diffusion_lab.config import CONFIG_DIR
+from diffusion_lab.config.build import build_schedule
+from diffusion_lab.config.schemas import SamplerConfig, plain
+from diffusion_lab.diffusion.samplers import check_sampler_settings, resolve_variance_type
+from diffusion_lab.errors import CheckpointError, ConfigError
+from diffusion_lab.evaluation.scoring import Evaluation
+from diffusion_lab.runs.checkpoints import load_module
+from diffusion_lab.runs.folders import CHECKPOINT_CHOICES, find_runs, saved_step, select_checkpoints
+from diffusion_lab.runs.layout import run_config
+from diffusion_lab.runs.records import append_record, done_metrics, stamped
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
-CHECKPOINT_CHOICES = ("last", "best", "all")
-STEP_CHECKPOINT = re.compile(r"step_(\d+)\.ckpt$")
-
-
-@dataclass
-class RunFolder:
-    """One training run (a single run or one job of a multirun): its folder and why it cannot be used, if so."""
-
-    path: Path
-    problem: str | None = None
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.path / "checkpoints"
+log = logging.getLogger(__name__)
 
 
-def is_run_folder(path: Path) -> bool:
-    """A folder a training job wrote: Hydra's ``.hydra/`` record (every job has one, even one that crashed)."""
-    return (path / ".hydra" / "config.yaml").is_file()
-
-
-def find_runs(paths: list[str | Path]) -> list[RunFolder]:
-    """Every run folder at or below ``paths`` (multirun folders, single runs, or a mix), in path order; runs
-    that left no checkpoint carry the last error line of their log as ``problem``."""
-    found: dict[Path, RunFolder] = {}
-    for given in paths:
-        root = Path(given).expanduser()
-        if not root.exists():
-            raise ConfigError(f"runs: {root} does not exist; give a run folder or a multirun folder.")
-        candidates = (
-            [root] if is_run_folder(root) else sorted(p.parent.parent for p in root.glob("**/.hydra/config.yaml"))
+def evaluate_runs(cfg: DictConfig) -> dict[str, Any]:
+    """Every run under ``runs`` × its selected checkpoints × the sampler grid, appended to each run's
+    eval/metrics.jsonl; measurements already recorded there are skipped (a rerun resumes)."""
+    paths = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs)
+    if cfg.checkpoints not in CHECKPOINT_CHOICES:
+        raise ConfigError(f"checkpoints={cfg.checkpoints} is not one of {', '.join(CHECKPOINT_CHOICES)}.")
+    runs = find_runs(paths)
+    usable = [run for run in runs if run.problem is None]
+    failed = {str(run.path): run.problem for run in runs if run.problem is not None}
+    for path, problem in failed.items():
+        log.warning("skipping %s: %s", path, problem)
+    if not usable:
+        raise ConfigError(
+            f"runs={paths}: found no training run with checkpoints"
+            + (f" ({len(failed)} without: {'; '.join(f'{p}: {m}' for p, m in failed.items())})" if failed else "")
+            + "; point runs= at a run folder (outputs/<date>/<time>) or a multirun folder."
         )
-        for folder in candidates:
-            if not is_run_folder(folder) or "eval" in folder.relative_to(root).parts:
-                continue
-            if not _is_training_run(folder):
-                continue  # an evaluate or sample job's own folder
-            run = RunFolder(folder.resolve())
-            if not any(run.checkpoints_dir.glob("*.ckpt")):
-                run.problem = f"no checkpoint ({last_error_line(folder) or 'no log line'})"
-            found.setdefault(run.path, run)
-    return list(found.values())
+    cells = sampler_grid(plain(cfg.sampler), plain(cfg.get("grid")), sampler_choice())
+    for run in usable:  # every grid cell is checked against every run before anything is sampled
+        schedule = build_schedule(run_config(run.path).schedule)
+        for cell in cells:
+            check_sampler_settings(schedule, **cell)
+    job = Evaluation(cfg)
+    summary: dict[str, Any] = {"evaluated": 0, "skipped": 0, "failed": dict(failed), "records": []}
+    started = time.perf_counter()
+    for run in usable:
+        for path in select_checkpoints(run, cfg.checkpoints):
+            try:
+                evaluate_checkpoint(job, run.path, path, cells, summary)
+            except CheckpointError as error:
+                log.warning("skipping %s: %s", path, error)
+                summary["failed"][str(path)] = str(error)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    if job.is_main:
+        output = Path(cfg.output_dir)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info(
+            "evaluated %d, already recorded %d, failed %d, in %.0f s",
+            summary["evaluated"], summary["skipped"], len(summary["failed"]), summary["seconds"],
+        )  # fmt: skip
+    if not summary["evaluated"] and not summary["skipped"]:
+        raise ConfigError(f"runs={paths}: nothing could be evaluated ({'; '.join(summary['failed'].values())}).")
+    return summary
 
 
-def _is_training_run(folder: Path) -> bool:
-    try:
-        return "trainer" in OmegaConf.load(folder / ".hydra" / "config.yaml")
-    except Exception:  # an unreadable record: let the report name the folder rather than skip it silently
-        return True
-
-
-def last_error_line(folder: Path) -> str | None:
-    """The last line of the run's log that reports an error (or the last line at all), for a crashed job."""
-    lines: list[str] = []
-    for log in sorted(folder.glob("*.log")):
-        if log.name == "config_tree.log":
+def evaluate_checkpoint(job: Evaluation, run_dir: Path, path: Path, cells: list[dict], summary: dict) -> None:
+    cfg = job.cfg
+    module = checkpoint = None
+    step = saved_step(path)  # memory-mapped: a fully recorded checkpoint is never loaded
+    learned_variance = bool(run_config(run_dir).objective.get("learned_variance"))
+    for settings in (resolve_variance_type(cell, learned_variance) for cell in cells):
+        key = {
+            "checkpoint_file": f"{path.parent.name}/{path.name}", "global_step": step,
+            "ema": bool(cfg.use_ema), "sampler": settings if job.fidelity else None,
+            "num_samples": cfg.num_samples if job.fidelity else None, "seed": cfg.seed if job.fidelity else None,
+            "guidance_scale": cfg.guidance_scale if job.fidelity else None,
+            "class_label": plain(cfg).get("class_label") if job.fidelity else None,
+            "reference_split": cfg.reference_split,
+        }  # fmt: skip
+        if set(job.metrics) <= done_metrics(run_dir, key):
+            summary["skipped"] += 1
+            log.info("already recorded: %s %s %s", run_dir.name, path.name, settings.get("sampler"))
             continue
-        lines += [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if "Error" in line or "Traceback" in line or "[ERROR]" in line]
-    return (errors or lines or [None])[-1]
+        if module is None:
+            module, checkpoint = load_module(str(path), use_ema=cfg.use_ema)
+        report = job.score(module=module, checkpoint=checkpoint, checkpoint_path=str(path), settings=settings)
+        if report is not None:
+            if not append_record(run_dir, stamped(report), unless_recorded=True):
+                # Another evaluation job on this run scored the same cell meanwhile; one record is enough.
+                summary["skipped"] += 1
+                log.info("recorded meanwhile elsewhere: %s %s %s", run_dir.name, path.name, settings.get("sampler"))
+                continue
+            summary["records"].append({"run": str(run_dir), **{k: report[k] for k in ("metrics", "protocol")}})
+            log.info("%s %s %s: %s", run_dir.name, path.name, settings.get("sampler"), json.dumps(report["metrics"]))
+        summary["evaluated"] += 1
+        if not job.fidelity:
+            break  # nll does not depend on the sampler
 
 
-def select_checkpoints(run: RunFolder, which: str) -> list[Path]:
-    """``last`` → last.ckpt; ``best`` → best.ckpt; ``all`` → every step_*.ckpt by step (and last.ckpt when its
-    step is not among them, e.g. a run stopped between periodic saves)."""
-    if which not in CHECKPOINT_CHOICES:
-        raise ConfigError(f"checkpoints={which} is not one of {', '.join(CHECKPOINT_CHOICES)}.")
-    folder = run.checkpoints_dir
-    if which in ("last", "best"):
-        path = folder / f"{which}.ckpt"
-        return [path] if path.is_file() else []
-    by_step = {int(STEP_CHECKPOINT.search(p.name).group(1)): p for p in folder.glob("step_*.ckpt")}
-    last = folder / "last.ckpt"
-    if last.is_file() and saved_step(last) not in by_step:
-        return [*(by_step[s] for s in sorted(by_step)), last]
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def saved_step(path: Path) -> int | None:
-    """The global step a checkpoint was saved at (memory-mapped: the weights are not read)."""
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["global_step"])
-    except Exception:  # unreadable: keep it in the list, and the evaluation will name the problem
+def sampler_choice() -> str | None:
+    """The ``sampler`` option this job was composed with (Hydra's runtime choice); None outside a Hydra job."""
+    if not HydraConfig.initialized():
         return None
+    return HydraConfig.get().runtime.choices.get("sampler")
 
 
 def sampler_option(name: str) -> dict[str, Any]:
     """The settings of one option of the ``sampler`` config group (conf/sampler/<name>.yaml)."""
-    options = sorted(p.stem for p in (CONFIG_DIR / "sampler").glob("*.yaml"))
+    options = sorted(p.stem for p in (Path(CONFIG_DIR) / "sampler").glob("*.yaml"))
     if name not in options:
         raise ConfigError(f"grid.sampler: unknown sampler {name!r}; valid choices: {', '.join(options)}.")
-    option = OmegaConf.load(CONFIG_DIR / "sampler" / f"{name}.yaml")
+    option = OmegaConf.load(Path(CONFIG_DIR) / "sampler" / f"{name}.yaml")
     option.pop("defaults", None)
     return plain(OmegaConf.merge(OmegaConf.structured(SamplerConfig), option))
 

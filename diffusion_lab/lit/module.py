@@ -19,6 +19,7 @@ from diffusion_lab.diffusion.process import split_learned_variance
 from diffusion_lab.diffusion.samplers import TrajectoryStep, resolve_variance_type, sample
 from diffusion_lab.lit.nonfinite import NonFiniteGuard, all_finite
 from diffusion_lab.lit.rng import capture_rng_state, restore_rng_state
+from diffusion_lab.runs.layout import CONFIG_KEY
 
 SAMPLER_DEFAULTS: dict[str, Any] = {
     "sampler": "ddim",
@@ -333,7 +334,7 @@ class DiffusionModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.config is not None:
-            checkpoint["diffusion_lab_config"] = self.config
+            checkpoint[CONFIG_KEY] = self.config
         checkpoint["nonfinite_steps"] = self.nonfinite.state_dict()
         checkpoint["rng_states"] = self._rng_states_of_every_rank()
         checkpoint["logger_run_ids"] = logger_run_ids(self._trainer)

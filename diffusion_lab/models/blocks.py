@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffusion_lab.models.winograd import Conv3x3
+from diffusion_lab.models.kernels.winograd import Conv3x3
 
 
 def group_norm(channels: int, max_groups: int = 32, min_group_channels: int = 4) -> nn.GroupNorm:

@@ -31,7 +31,7 @@ class UNet(nn.Module):
             network 1.26× faster in bf16 on an H200 (README); the layout follows the weights' device on ``.to()``.
         gradient_checkpointing: recompute block activations in the backward pass to save memory.
         winograd: let wide residual-block convolutions take the Winograd weight gradient in float32 training
-            on AVX2 CPUs, where it is faster (see ``diffusion_lab.models.winograd``); False keeps the stock
+            on AVX2 CPUs, where it is faster (see ``diffusion_lab.models.kernels.winograd``); False keeps the stock
             kernels everywhere.
     """
 

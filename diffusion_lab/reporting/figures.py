@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from PIL import Image
 
-from diffusion_lab.reporting.runs import Run, sampler_label
+from diffusion_lab.reporting.run_data import Run, sampler_label
 from diffusion_lab.reporting.tables import Group, mean_std
 
 COLOURS = plt.get_cmap("tab10").colors

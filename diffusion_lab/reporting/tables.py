@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from diffusion_lab.reporting.runs import Run, sampler_label
+from diffusion_lab.reporting.run_data import Run, sampler_label
 
 DEFAULT = "(default)"
 # Columns where larger is better; every other numeric column is better smaller (losses, FID, KID, time).

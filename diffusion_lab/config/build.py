@@ -8,10 +8,17 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.configs import plain
+from diffusion_lab.config.schemas import plain
 from diffusion_lab.diffusion import LossWeighting, NoiseSchedule, make_loss_weighting, make_schedule
 from diffusion_lab.diffusion.samplers import SAMPLERS, check_sampler_settings, resolve_variance_type
 from diffusion_lab.lit import DiffusionModule
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a dict-of-configs group (callbacks, loggers); null entries are skipped."""
+    if not group:
+        return []
+    return [instantiate(entry) for entry in group.values() if entry is not None and "_target_" in entry]
 
 
 def build_schedule(schedule_cfg: DictConfig | dict) -> NoiseSchedule:

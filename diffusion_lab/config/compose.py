@@ -11,9 +11,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from diffusion_lab.configs import register_configs
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from diffusion_lab.config import CONFIG_DIR, register_configs
 
 
 def compose_job(config_name: str, overrides: Sequence[str], output_dir: str | Path) -> DictConfig:

@@ -1,7 +1,7 @@
 """``torch.save`` that a kill cannot corrupt: write beside the destination, flush, then one ``os.replace``.
 
 A reader sees the old file or the new one, never half of one. Plain torch, so that anything saving a file can
-use it (the Lightning checkpoint plugin in ``diffusion_lab.checkpoint_io`` does).
+use it (the Lightning checkpoint plugin in ``diffusion_lab.runs.checkpoint_io`` does).
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ import matplotlib.pyplot as plt
 import torch
 from PIL import Image
 
-from diffusion_lab.callbacks.sample_grid import image_grid
 from diffusion_lab.data.base import to_uint8
 from diffusion_lab.diffusion.samplers import TrajectoryStep
+from diffusion_lab.generation.grids import image_grid
 
 
 def _as_picture(image: torch.Tensor):

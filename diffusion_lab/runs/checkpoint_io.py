@@ -15,7 +15,7 @@ from typing import Any
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from diffusion_lab.atomic_save import atomic_torch_save
+from diffusion_lab.runs.atomic import atomic_torch_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
-from diffusion_lab.configs import SamplerConfig
-
-RECORDS = Path("eval") / "metrics.jsonl"
+from diffusion_lab.config.schemas import SamplerConfig
+from diffusion_lab.runs.layout import EVAL_RECORDS
 
 # What makes two evaluations the same measurement: a record with these protocol values is not redone.
 KEY_FIELDS = (
@@ -30,7 +30,7 @@ KEY_FIELDS = (
 
 
 def records_path(run_dir: Path) -> Path:
-    return Path(run_dir) / RECORDS
+    return Path(run_dir) / EVAL_RECORDS
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
@@ -98,3 +98,8 @@ def ends_with_newline(path: Path) -> bool:
     with open(path, "rb") as handle:
         handle.seek(-1, os.SEEK_END)
         return handle.read(1) == b"\n"
+
+
+def stamped(report: dict[str, Any]) -> dict[str, Any]:
+    """The record with the time it was made (UTC)."""
+    return {**report, "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}

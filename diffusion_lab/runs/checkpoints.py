@@ -16,8 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from diffusion_lab.errors import CheckpointError
-
-CONFIG_KEY = "diffusion_lab_config"
+from diffusion_lab.runs.layout import CONFIG_KEY
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
@@ -58,7 +57,7 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
 
 def load_module(path: str | Path, use_ema: bool = True):
     """(DiffusionModule in eval mode, checkpoint) with the EMA weights (default) or the raw ones."""
-    from diffusion_lab.build import build_module
+    from diffusion_lab.config.build import build_module
 
     checkpoint = load_checkpoint(path)
     config = OmegaConf.create(checkpoint[CONFIG_KEY])

@@ -13,8 +13,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from diffusion_lab.diffusion.samplers.sigmas import SIGMA_SPACINGS
-from diffusion_lab.evaluation.records import read_records
-from diffusion_lab.evaluation.sweep import last_error_line
+from diffusion_lab.runs.folders import last_error_line
+from diffusion_lab.runs.layout import HYDRA_CONFIG, HYDRA_OVERRIDES, METRICS_CSV, SAMPLE_GRIDS, run_config
+from diffusion_lab.runs.records import read_records
 
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\]")
 IGNORED_OVERRIDES = ("hydra.", "paths.", "ckpt_path", "print_config")
@@ -101,16 +102,15 @@ def sampler_label(protocol: dict[str, Any]) -> str:
 
 
 def load_run(path: Path) -> Run:
-    hydra = path / ".hydra"
     overrides = {}
-    if (hydra / "overrides.yaml").is_file():
-        for item in OmegaConf.to_container(OmegaConf.load(hydra / "overrides.yaml")) or []:
+    if (path / HYDRA_OVERRIDES).is_file():
+        for item in OmegaConf.to_container(OmegaConf.load(path / HYDRA_OVERRIDES)) or []:
             key, _, value = str(item).partition("=")
             if not key.lstrip("+~").startswith(IGNORED_OVERRIDES):
                 overrides[key.lstrip("+~")] = value
-    config = OmegaConf.to_container(OmegaConf.load(hydra / "config.yaml")) if (hydra / "config.yaml").is_file() else {}
-    rows = read_metrics_csv(path / "csv" / "metrics.csv")
-    grids = sorted((path / "samples").glob("step_*.png"))
+    config = OmegaConf.to_container(run_config(path)) if (path / HYDRA_CONFIG).is_file() else {}
+    rows = read_metrics_csv(path / METRICS_CSV)
+    grids = sorted((path / SAMPLE_GRIDS).glob("step_*.png"))
     run = Run(
         path=path,
         overrides=overrides,

@@ -1,0 +1,176 @@
+"""Scoring one checkpoint × sampler setting (or a given set of samples): draw the samples, compute the metrics
+against the reference, and record the full protocol beside them."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from diffusion_lab.config.schemas import plain
+from diffusion_lab.errors import ConfigError
+from diffusion_lab.evaluation.fidelity import (
+    FEATURE_EXTRACTOR,
+    FIDELITY_METRICS,
+    fidelity_metrics,
+    inception_input,
+    real_data_floor,
+    reference_cache_name,
+    resolve_inception_weights,
+)
+from diffusion_lab.evaluation.nll import held_out_nll
+from diffusion_lab.generation.draw import draw_samples, make_fabric, nfe_per_sample, resolve_labels
+from diffusion_lab.generation.files import save_samples_npz
+from diffusion_lab.runs.layout import CONFIG_KEY
+
+
+def reference_datamodule(cfg: DictConfig, checkpoint_config: dict[str, Any] | None):
+    """The dataset whose held-out split is the reference: ``data=…`` if given, else the checkpoint's."""
+    if cfg.get("data") is not None:
+        data_cfg = cfg.data
+    elif checkpoint_config is not None:
+        data_cfg = OmegaConf.create(checkpoint_config["data"])
+    else:
+        raise ConfigError(
+            "samples=… needs data=<dataset> (e.g. data=cifar10) to know which real images to compare with."
+        )
+    if cfg.get("data_root"):
+        with open_dict(data_cfg):
+            data_cfg.root = cfg.data_root
+    return instantiate(data_cfg)
+
+
+class Evaluation:
+    """What every checkpoint's evaluation in one job shares: the request, the devices, the Inception weights,
+    and the reference data (loaded once per dataset, so a sweep reads its data and reference features once)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.metrics = list(cfg.metrics)
+        unknown = [m for m in self.metrics if m not in (*FIDELITY_METRICS, "nll")]
+        if unknown:
+            raise ConfigError(
+                f"metrics={self.metrics}: unknown {unknown}; valid choices: {', '.join(FIDELITY_METRICS)}, nll."
+            )
+        self.fidelity = [m for m in self.metrics if m in FIDELITY_METRICS]
+        self.weights = (
+            resolve_inception_weights(cfg.eval.inception_weights, require_classifier="isc" in self.metrics)
+            if self.fidelity
+            else None
+        )
+        self.fabric = make_fabric(cfg.accelerator, cfg.devices, cfg.precision)
+        self._data: dict[str, tuple[Any, torch.Tensor | None]] = {}
+
+    @property
+    def is_main(self) -> bool:
+        return self.fabric.global_rank == 0
+
+    def data(self, checkpoint_config: dict[str, Any] | None):
+        """(datamodule, reference images) for ``data=…`` or the checkpoint's dataset; reference on rank 0 only."""
+        key = json.dumps(plain(self.cfg.data) if self.cfg.get("data") else (checkpoint_config or {}).get("data"))
+        if key not in self._data:
+            datamodule = reference_datamodule(self.cfg, checkpoint_config)
+            reference = datamodule.reference_images(self.cfg.reference_split) if self.is_main else None
+            self._data[key] = (datamodule, reference)
+        return self._data[key]
+
+    def score(
+        self,
+        *,
+        module=None,
+        checkpoint: dict[str, Any] | None = None,
+        checkpoint_path: str | None = None,
+        samples: torch.Tensor | None = None,
+        settings: dict[str, Any] | None = None,
+        save_samples_to: Path | None = None,
+    ) -> dict[str, Any] | None:
+        """The metrics and full protocol of one checkpoint × sampler setting (or of given samples); None off rank 0."""
+        cfg = self.cfg
+        datamodule, reference = self.data(checkpoint[CONFIG_KEY] if checkpoint else None)
+        protocol: dict[str, Any] = {
+            "dataset": datamodule.name,
+            "reference_split": cfg.reference_split,
+            "feature_extractor": FEATURE_EXTRACTOR,
+            "inception_weights": self.weights,
+        }
+        labels = None
+        if self.fidelity and samples is None:
+            module.to(self.fabric.device)
+            labels = resolve_labels(cfg.class_label, cfg.num_samples, module.num_classes)
+            start = time.perf_counter()
+            samples = draw_samples(
+                module, self.fabric, cfg.num_samples, seed=cfg.seed, batch_size=cfg.batch_size, labels=labels,
+                guidance_scale=cfg.guidance_scale, sampler=settings,
+            )  # fmt: skip
+            protocol.update(
+                num_samples=cfg.num_samples,
+                sampler=settings,
+                nfe_per_sample=nfe_per_sample(settings, module.schedule.num_train_timesteps, cfg.guidance_scale),
+                guidance_scale=cfg.guidance_scale,
+                class_label=plain(cfg).get("class_label"),
+                seed=cfg.seed,
+                sampling_seconds=round(time.perf_counter() - start, 1),
+            )
+        elif samples is not None:
+            protocol.update(num_samples=len(samples))
+        if not self.is_main:
+            return None
+        if save_samples_to is not None and samples is not None and cfg.save_samples:
+            save_samples_npz(save_samples_to, samples, labels)
+        if checkpoint is not None:
+            protocol.update(
+                checkpoint=str(checkpoint_path),
+                checkpoint_file=f"{Path(checkpoint_path).parent.name}/{Path(checkpoint_path).name}",
+                global_step=int(checkpoint["global_step"]),
+                ema=bool(cfg.use_ema),
+            )
+        protocol["num_reference"] = len(reference)
+        results: dict[str, float] = {}
+        if self.fidelity:
+            results.update(self._fidelity(samples, reference, datamodule, protocol))
+        if "nll" in self.metrics:
+            results.update(held_out_nll(module, reference, cfg, self.fabric.device, protocol))
+        return {"metrics": results, "protocol": protocol, "requested": self.metrics}
+
+    def _fidelity(self, samples, reference, datamodule, protocol: dict[str, Any]) -> dict[str, float]:
+        cfg = self.cfg
+        common = {
+            "reference_name": reference_cache_name(datamodule.name, cfg.reference_split, reference),
+            "weights_path": self.weights,
+            "cache_dir": Path(cfg.eval.cache_dir).expanduser(),
+            "batch_size": cfg.eval.batch_size,
+            "kid_subset_size": cfg.eval.kid_subset_size,
+        }
+        start = time.perf_counter()
+        values = fidelity_metrics(
+            samples, reference, self.fidelity, prc_neighborhood=cfg.eval.prc_neighborhood, verbose=cfg.eval.verbose,
+            **common,
+        )  # fmt: skip
+        protocol["fidelity_seconds"] = round(time.perf_counter() - start, 1)
+        protocol.update(inception_input(samples))
+        if cfg.eval.floor and ("fid" in self.fidelity or "kid" in self.fidelity):
+            floor = self._floor(datamodule, reference, len(samples), common)
+            if floor is not None:
+                protocol["real_data_floor"] = floor
+        if len(samples) < 10_000:
+            protocol["warning"] = (
+                f"N = {len(samples)} < 10k: FID is biased upwards at small N; compare these values with each "
+                "other (same N, same reference), not with published ones."
+            )
+        return values
+
+    def _floor(self, datamodule, reference, count: int, common: dict[str, Any]) -> dict[str, Any] | None:
+        """The real-data floor at this N: as many images of the other split as there are samples (a fixed
+        random subset), against the same reference."""
+        other = "train" if self.cfg.reference_split != "train" else "val"
+        try:
+            real = datamodule.reference_images(other)
+        except KeyError:
+            return None
+        chosen = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[: min(count, len(real))]
+        return real_data_floor(real[chosen.sort().values], reference, real_split=other, **common)
