@@ -15,7 +15,7 @@ from pathlib import Path
 from diffusion_lab.errors import ConfigError, UserError
 from diffusion_lab.reporting import figures
 from diffusion_lab.reporting.document import Document, to_html, to_markdown
-from diffusion_lab.reporting.run_data import Run, load_run, sampler_label
+from diffusion_lab.reporting.run_data import INCEPTION, Run, features_of, load_run, metric_label, sampler_label
 from diffusion_lab.reporting.tables import Table, differing_overrides, groups_table, jobs_table, label_runs, seed_groups
 from diffusion_lab.runs.folders import find_runs
 
@@ -68,11 +68,17 @@ def build_report(paths: list[Path], output: Path) -> tuple[Path, Path, list[str]
         figures.loss_profile(runs, figures_dir / "loss_profile.png"),
         "Loss by range of t at the end of training (where schedules and weightings differ)",
     )
-    document.figure(figures.fid_against_step(runs, figures_dir / "fid_vs_step.png"), "FID and KID against step")
-    document.figure(
-        figures.fid_against_nfe(groups, figures_dir / "fid_vs_nfe.png"),
-        "FID against network calls per sample at the final checkpoint",
-    )
+    for features in evaluated_feature_spaces(runs):
+        suffix = "" if features == INCEPTION else f"_{features}"
+        fid = metric_label("FID", {"feature_extractor": features})
+        document.figure(
+            figures.fid_against_step(runs, figures_dir / f"fid_vs_step{suffix}.png", features),
+            f"{fid} and {metric_label('KID', {'feature_extractor': features})} against step",
+        )
+        document.figure(
+            figures.fid_against_nfe(groups, figures_dir / f"fid_vs_nfe{suffix}.png", features),
+            f"{fid} against network calls per sample at the final checkpoint",
+        )
     document.figure(figures.sample_grids(runs, figures_dir / "samples.png"), "Last sample grid of each run")
     markdown, page = output / "report.md", output / "report.html"
     markdown.write_text(to_markdown(document, output))
@@ -96,17 +102,28 @@ def _evaluation_section(document: Document, runs: list[Run], problems: list[str]
             f"N < {SMALL_N:,} generated images: FID is biased upwards at small N, so these values compare the runs "
             "with each other (same N, same reference, same seeds), not with published numbers."
         )
-    header = ["run", "step", "sampler·NFE", "FID", "KID", "N gen"]
+    header = ["run", "step", "sampler·NFE", "features", "FID", "KID", "N gen"]
     rows = []
     for run, record in sorted(records, key=lambda r: (r[0].label, r[1]["protocol"].get("global_step", 0))):
         protocol, metrics = record["protocol"], record["metrics"]
         rows.append([
-            run.label or run.path.name, protocol.get("global_step"), sampler_label(protocol), metrics.get("fid"),
-            metrics.get("kid_mean"), protocol.get("num_samples"),
+            run.label or run.path.name, protocol.get("global_step"), sampler_label(protocol), features_of(protocol),
+            metrics.get("fid"), metrics.get("kid_mean"), protocol.get("num_samples"),
         ])  # fmt: skip
     document.paragraph("Every evaluation recorded in the runs' eval/metrics.jsonl (EMA weights unless noted).")
+    if any(features_of(protocol) != INCEPTION for protocol in protocols):
+        document.note(
+            "cFID and cKID are FID and KID in the feature space of the digits classifier (eval.features=digits), "
+            "not Inception's: they compare runs with each other, and their scale is that network's own."
+        )
     document.table(Table(header, rows, {}))
     document.paragraph("Protocol: " + "; ".join(protocol_lines(protocols)) + ".")
+
+
+def evaluated_feature_spaces(runs: list[Run]) -> list[str]:
+    """The feature networks the runs were evaluated in, Inception's first."""
+    spaces = {features_of(record["protocol"]) for run in runs for record in run.evaluations}
+    return sorted(spaces, key=lambda name: (name != INCEPTION, name)) or [INCEPTION]
 
 
 def protocol_lines(protocols: list[dict]) -> list[str]:
@@ -122,14 +139,19 @@ def protocol_lines(protocols: list[dict]) -> list[str]:
         f"images {distinct(lambda p: p.get('resize', '?'))}",
         f"features {distinct(lambda p: p.get('feature_extractor'))}",
     ]  # fmt: skip
-    floors = [p["real_data_floor"] for p in protocols if "real_data_floor" in p]
+    floors = [floor_line(p) for p in protocols if "real_data_floor" in p]
     if floors:
         lines.append(
             "real-data floor (FID of as many real images of the other split against the same reference, what a "
-            "perfect model would score at this N): "
-            + " / ".join(dict.fromkeys(f"FID {f['fid']:.4g} ({f['n']} '{f['split']}' images)" for f in floors))
+            "perfect model would score at this N): " + " / ".join(dict.fromkeys(floors))
         )
     return lines
+
+
+def floor_line(protocol: dict) -> str:
+    floor = protocol["real_data_floor"]
+    how = floor.get("method") or f"{floor['n']} '{floor['split']}' images"
+    return f"{metric_label('FID', protocol)} {floor['fid']:.4g} ({how})"
 
 
 def default_output(paths: list[Path]) -> Path:

@@ -1,8 +1,10 @@
 """FID, KID, Inception Score and precision/recall with torch-fidelity, against a cached reference set.
 
-All four use torch-fidelity's ``inception-v3-compat`` network (the TF FID Inception), so the numbers compare with
-the literature and one set of reference features serves every metric. On CPUs that network runs with its weights
-in channels-last layout (1.5× faster per image, the same features to float rounding). Reference features are
+All four use one feature space, so one set of reference features serves every metric: by default torch-fidelity's
+``inception-v3-compat`` network (the TF FID Inception), whose numbers compare with the literature; for the 8×8
+digits, ``features="digits"``, the shipped digits classifier (``digits_classifier.py``), which sees differences the
+upscaled Inception cannot. On CPUs the Inception network runs with its weights in channels-last layout (1.5×
+faster per image, the same features to float rounding). Reference features are
 cached on disk under a name built from the dataset, split, resolution and size of the reference set; concurrent
 jobs that meet an uncached reference (a parallel sweep's evaluations, test workers) extract its features once,
 under a file lock.
@@ -24,8 +26,11 @@ from filelock import FileLock
 from torch.utils.data import Dataset
 
 from diffusion_lab.errors import ConfigError, UserError
+from diffusion_lab.evaluation import digits_classifier
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
+# eval.features → the torch-fidelity extractor it names (the name kept in caches and protocols)
+FEATURE_SETS = {"inception": FEATURE_EXTRACTOR, "digits": digits_classifier.NAME}
 CHANNELS_LAST_EXTRACTOR = f"{FEATURE_EXTRACTOR}-channels-last"  # our registration of the same network, for CPUs
 _REGISTRATION_LOCK = threading.Lock()
 INCEPTION_URL = (
@@ -129,17 +134,37 @@ def channels_last_inception() -> type:
     return ChannelsLastInception
 
 
-def feature_extractor_for(cuda: bool) -> str:
-    """The registered torch-fidelity extractor to use: the stock network on CUDA (the layout is not measured
-    there), its channels-last registration on CPU (registered on first use)."""
-    if cuda:
-        return FEATURE_EXTRACTOR
+def check_features(features: str) -> str:
+    if features not in FEATURE_SETS:
+        raise ConfigError(f"eval.features={features} is not one of {', '.join(FEATURE_SETS)}.")
+    return features
+
+
+def feature_extractor_for(cuda: bool, features: str = "inception") -> str:
+    """The registered torch-fidelity extractor to use (registered on first use): the digits classifier; for
+    Inception the stock network on CUDA (the layout is not measured there), its channels-last registration on CPU."""
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
+    if check_features(features) == "digits":
+        name, make = digits_classifier.NAME, digits_classifier.torch_fidelity_extractor
+    elif cuda:
+        return FEATURE_EXTRACTOR
+    else:
+        name, make = CHANNELS_LAST_EXTRACTOR, channels_last_inception
     with _REGISTRATION_LOCK:
-        if CHANNELS_LAST_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
-            register_feature_extractor(CHANNELS_LAST_EXTRACTOR, channels_last_inception())
-    return CHANNELS_LAST_EXTRACTOR
+        if name not in FEATURE_EXTRACTORS_REGISTRY:
+            register_feature_extractor(name, make())
+    return name
+
+
+def check_feature_input(image_shape: tuple[int, ...], features: str) -> None:
+    """The digits classifier takes 8×8 grey images (C, H, W) only; say so before any sampling, with the fix."""
+    channels, height, width = image_shape
+    if check_features(features) == "digits" and (channels, height, width) != (1, 8, 8):
+        raise ConfigError(
+            f"eval.features=digits scores 8×8 grey digits (data=digits), but these images are {height}×{width} with "
+            f"{channels} channel(s); use eval.features=inception for them."
+        )
 
 
 def fidelity_metrics(
@@ -148,15 +173,17 @@ def fidelity_metrics(
     metrics: list[str],
     *,
     reference_name: str,
-    weights_path: str,
+    weights_path: str | None,
     cache_dir: str | Path,
     batch_size: int = 64,
     kid_subset_size: int = 1000,
     prc_neighborhood: int = 3,
     verbose: bool = False,
+    features: str = "inception",
 ) -> dict[str, float]:
-    """torch-fidelity's metrics of uint8 ``samples`` against uint8 ``reference`` (features of the reference are
-    cached in ``cache_dir`` under ``reference_name``)."""
+    """torch-fidelity's metrics of uint8 ``samples`` against uint8 ``reference`` in the ``features`` space
+    (features of the reference are cached in ``cache_dir`` under ``reference_name`` and the extractor's name);
+    ``weights_path``: the Inception weights (the digits classifier's are shipped)."""
     import torch_fidelity
 
     unknown = [m for m in metrics if m not in FIDELITY_METRICS]
@@ -170,11 +197,14 @@ def fidelity_metrics(
         )
     if "prc" in metrics and smallest <= prc_neighborhood:
         raise ConfigError(f"Precision/recall needs more than prc_neighborhood={prc_neighborhood} images per set.")
+    check_feature_input(tuple(samples.shape[1:]), features)
+    check_feature_input(tuple(reference.shape[1:]), features)
     os.makedirs(cache_dir, exist_ok=True)
     # The first job to need these reference features computes them holding the lock; the others wait, then read
     # torch-fidelity's (atomically written) cache instead of extracting the same features again.
-    cached = Path(cache_dir) / f"{reference_name}-{'-'.join(sorted(metrics))}.cached"
-    lock = nullcontext() if cached.is_file() else FileLock(f"{Path(cache_dir) / reference_name}.lock")
+    stem = reference_name if features == "inception" else f"{reference_name}-{FEATURE_SETS[features]}"
+    cached = Path(cache_dir) / f"{stem}-{'-'.join(sorted(metrics))}.cached"
+    lock = nullcontext() if cached.is_file() else FileLock(f"{Path(cache_dir) / stem}.lock")
     cuda = torch.cuda.is_available()
     with lock, symmetric_fid():
         result = torch_fidelity.calculate_metrics(
@@ -185,8 +215,8 @@ def fidelity_metrics(
             cache=True,
             cuda=cuda,
             batch_size=batch_size,
-            feature_extractor=feature_extractor_for(cuda),
-            feature_extractor_weights_path=weights_path,
+            feature_extractor=feature_extractor_for(cuda, features),
+            feature_extractor_weights_path=weights_path if features == "inception" else None,
             fid="fid" in metrics,
             kid="kid" in metrics,
             isc="isc" in metrics,
@@ -263,10 +293,15 @@ def symmetric_fid() -> Iterator[None]:
                     module.fid_statistics_to_metric = _fidelity_own_fid.pop(module.__name__)
 
 
-def inception_input(images: torch.Tensor) -> dict[str, str]:
-    """How images reach the Inception network, for the protocol next to every FID."""
+def inception_input(images: torch.Tensor, features: str = "inception") -> dict[str, str]:
+    """How images reach the feature network, for the protocol next to every FID."""
     channels, height, width = images.shape[1:]
     colour = "grey replicated to RGB" if channels == 1 else "RGB"
+    if features == "digits":
+        return {
+            "image_resolution": f"{height}×{width}×{channels}",
+            "resize": f"none: {height}×{width} grey into the digits classifier (its 64-d penultimate layer)",
+        }
     return {
         "image_resolution": f"{height}×{width}×{channels}",
         "inception_input": "299×299 RGB, uint8 [0, 255]",
@@ -281,14 +316,16 @@ def real_data_floor(
     *,
     real_split: str,
     reference_name: str,
-    weights_path: str,
+    weights_path: str | None,
     cache_dir: str | Path,
     batch_size: int = 64,
     kid_subset_size: int = 1000,
+    features: str = "inception",
 ) -> dict[str, Any]:
     """FID and KID of ``real`` images (another split of the same data, as many as the samples) against the
     reference: what a perfect model would score at this N. Computed once; cached beside the reference features."""
-    cache = Path(cache_dir) / f"{reference_name}-floor-{real_split}-n{len(real)}.json"
+    extractor = "" if features == "inception" else f"-{FEATURE_SETS[features]}"
+    cache = Path(cache_dir) / f"{reference_name}{extractor}-floor-{real_split}-n{len(real)}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
     values = fidelity_metrics(
@@ -300,6 +337,7 @@ def real_data_floor(
         cache_dir=cache_dir,
         batch_size=batch_size,
         kid_subset_size=kid_subset_size,
+        features=features,
     )
     floor = {"fid": values["fid"], "kid_mean": values["kid_mean"], "split": real_split, "n": len(real)}
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -14,9 +14,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion_lab.config.schemas import plain
 from diffusion_lab.errors import ConfigError
+from diffusion_lab.evaluation import digits_classifier
 from diffusion_lab.evaluation.fidelity import (
     FEATURE_EXTRACTOR,
+    FEATURE_SETS,
     FIDELITY_METRICS,
+    check_feature_input,
+    check_features,
     fidelity_metrics,
     inception_input,
     real_data_floor,
@@ -46,8 +50,8 @@ def reference_datamodule(cfg: DictConfig, checkpoint_config: dict[str, Any] | No
 
 
 class Evaluation:
-    """What every checkpoint's evaluation in one job shares: the request, the devices, the Inception weights,
-    and the reference data (loaded once per dataset, so a sweep reads its data and reference features once)."""
+    """What every checkpoint's evaluation in one job shares: the request, the devices, the feature space and its
+    weights, and the reference data (loaded once per dataset, so a sweep reads its data and reference features once)."""
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
@@ -58,9 +62,10 @@ class Evaluation:
                 f"metrics={self.metrics}: unknown {unknown}; valid choices: {', '.join(FIDELITY_METRICS)}, nll."
             )
         self.fidelity = [m for m in self.metrics if m in FIDELITY_METRICS]
+        self.features = check_features(cfg.eval.get("features", "inception"))
         self.weights = (
             resolve_inception_weights(cfg.eval.inception_weights, require_classifier="isc" in self.metrics)
-            if self.fidelity
+            if self.fidelity and self.features == "inception"
             else None
         )
         self.fabric = make_fabric(cfg.accelerator, cfg.devices, cfg.precision)
@@ -95,9 +100,10 @@ class Evaluation:
         protocol: dict[str, Any] = {
             "dataset": datamodule.name,
             "reference_split": cfg.reference_split,
-            "feature_extractor": FEATURE_EXTRACTOR,
-            "inception_weights": self.weights,
+            **self.feature_protocol(),
         }
+        if self.fidelity:
+            check_feature_input((datamodule.channels, datamodule.image_size, datamodule.image_size), self.features)
         labels = None
         if self.fidelity and samples is None:
             module.to(self.fabric.device)
@@ -137,11 +143,22 @@ class Evaluation:
             results.update(held_out_nll(module, reference, cfg, self.fabric.device, protocol))
         return {"metrics": results, "protocol": protocol, "requested": self.metrics}
 
+    def feature_protocol(self) -> dict[str, Any]:
+        """Which network the metrics were computed in, and which weights (the digits classifier's by digest)."""
+        if self.features == "inception":
+            return {"feature_extractor": FEATURE_EXTRACTOR, "inception_weights": self.weights}
+        return {
+            "feature_extractor": FEATURE_SETS[self.features],
+            "feature_weights": digits_classifier.WEIGHTS.name,
+            "feature_weights_sha256": digits_classifier.weights_digest(),
+        }
+
     def _fidelity(self, samples, reference, datamodule, protocol: dict[str, Any]) -> dict[str, float]:
         cfg = self.cfg
         common = {
             "reference_name": reference_cache_name(datamodule.name, cfg.reference_split, reference),
             "weights_path": self.weights,
+            "features": self.features,
             "cache_dir": Path(cfg.eval.cache_dir).expanduser(),
             "batch_size": cfg.eval.batch_size,
             "kid_subset_size": cfg.eval.kid_subset_size,
@@ -152,7 +169,7 @@ class Evaluation:
             **common,
         )  # fmt: skip
         protocol["fidelity_seconds"] = round(time.perf_counter() - start, 1)
-        protocol.update(inception_input(samples))
+        protocol.update(inception_input(samples, self.features))
         if cfg.eval.floor and ("fid" in self.fidelity or "kid" in self.fidelity):
             floor = self._floor(datamodule, reference, len(samples), common)
             if floor is not None:
@@ -166,11 +183,31 @@ class Evaluation:
 
     def _floor(self, datamodule, reference, count: int, common: dict[str, Any]) -> dict[str, Any] | None:
         """The real-data floor at this N: as many images of the other split as there are samples (a fixed
-        random subset), against the same reference."""
+        random subset), against the same reference. When the other split is smaller than N (the digits' 180
+        held-out images against samples scored on the 1617 train images), half of the reference against its other
+        half instead: real, disjoint, and at up to N images, where the small split would measure the floor of
+        another N."""
         other = "train" if self.cfg.reference_split != "train" else "val"
         try:
             real = datamodule.reference_images(other)
         except KeyError:
             return None
-        chosen = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[: min(count, len(real))]
-        return real_data_floor(real[chosen.sort().values], reference, real_split=other, **common)
+        if len(real) >= count or len(reference) < 4:
+            chosen = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:count]
+            return real_data_floor(real[chosen.sort().values], reference, real_split=other, **common)
+        order = torch.randperm(len(reference), generator=torch.Generator().manual_seed(0))
+        half = len(reference) // 2
+        real_half, reference_half = (
+            reference[order[: min(count, half)].sort().values],
+            reference[order[half:].sort().values],
+        )
+        split = self.cfg.reference_split
+        floor = real_data_floor(
+            real_half, reference_half, real_split=f"{split}-half",
+            **{**common, "reference_name": f"{common['reference_name']}-other-half"},
+        )  # fmt: skip
+        floor["method"] = (
+            f"{len(real_half)} '{split}' images against the other {len(reference_half)}: the '{other}' split has "
+            f"only {len(real)} images, fewer than the {count} samples"
+        )
+        return floor

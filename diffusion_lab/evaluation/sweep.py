@@ -87,6 +87,7 @@ def evaluate_checkpoint(job: Evaluation, run_dir: Path, path: Path, cells: list[
             "guidance_scale": cfg.guidance_scale if job.fidelity else None,
             "class_label": plain(cfg).get("class_label") if job.fidelity else None,
             "reference_split": cfg.reference_split,
+            "feature_extractor": job.feature_protocol()["feature_extractor"],
         }  # fmt: skip
         if set(job.metrics) <= done_metrics(run_dir, key):
             summary["skipped"] += 1

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from PIL import Image
 
-from diffusion_lab.reporting.run_data import Run, sampler_label
+from diffusion_lab.reporting.run_data import INCEPTION, Run, features_of, metric_label, sampler_label
 from diffusion_lab.reporting.tables import Group, mean_std
 
 COLOURS = plt.get_cmap("tab10").colors
@@ -117,12 +117,14 @@ def loss_profile(runs: list[Run], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def fid_against_step(runs: list[Run], path: Path) -> Path | None:
-    """FID and KID of every evaluated checkpoint against its training step (``checkpoints=all``)."""
+def fid_against_step(runs: list[Run], path: Path, features: str = INCEPTION) -> Path | None:
+    """FID and KID (in the ``features`` space) of every evaluated checkpoint against its training step
+    (``checkpoints=all``)."""
     curves = defaultdict(list)
     for index, run in enumerate(runs):
         for record in run.evaluations:
-            if "fid" in record["metrics"] and "global_step" in record["protocol"]:
+            protocol = record["protocol"]
+            if "fid" in record["metrics"] and "global_step" in protocol and features_of(protocol) == features:
                 curves[(index, sampler_label(record["protocol"]))].append(record)
     curves = {
         key: records for key, records in curves.items() if len({r["protocol"]["global_step"] for r in records}) > 1
@@ -140,15 +142,17 @@ def fid_against_step(runs: list[Run], path: Path) -> Path | None:
         for ax, metric in zip(axes[0], ("fid", "kid_mean"), strict=False):
             ax.plot(steps, [r["metrics"].get(metric, float("nan")) for r in records], styles.get(label, "-"),
                     marker="o", markersize=3, color=_colour(index), label=f"{runs[index].label} · {label}")  # fmt: skip
-    for ax, name in zip(axes[0], ("FID", "KID"), strict=False):
+    names = [metric_label(name, {"feature_extractor": features}) for name in ("FID", "KID")]
+    for ax, name in zip(axes[0], names, strict=False):
         ax.set(title=f"{name} against training step", xlabel="optimiser step of the checkpoint", ylabel=name)
         ax.grid(alpha=0.3)
     _legend(axes[0][0], len(curves))
     return _save(fig, path)
 
 
-def fid_against_nfe(groups: list[Group], path: Path) -> Path | None:
-    """FID at the final checkpoint against network calls per sample, the real-data floor dashed. Several groups
+def fid_against_nfe(groups: list[Group], path: Path, features: str = INCEPTION) -> Path | None:
+    """FID (in the ``features`` space) at the final checkpoint against network calls per sample, the real-data
+    floor dashed. Several groups
     of runs: one panel per sampler, one line per group (mean ± std over seeds). One group: the samplers side by
     side, one line each, in one panel."""
     points = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))  # sampler → group → nfe → [fid]
@@ -157,7 +161,7 @@ def fid_against_nfe(groups: list[Group], path: Path) -> Path | None:
         for run in group.runs:
             for record in run.final_evaluations:
                 protocol = record["protocol"]
-                if "fid" in record["metrics"] and protocol.get("nfe_per_sample"):
+                if "fid" in record["metrics"] and protocol.get("nfe_per_sample") and features_of(protocol) == features:
                     sampler = sampler_label(protocol).split("·")[0]
                     points[sampler][g][protocol["nfe_per_sample"]].append(record["metrics"]["fid"])
                     if "real_data_floor" in protocol:
@@ -184,8 +188,9 @@ def fid_against_nfe(groups: list[Group], path: Path) -> Path | None:
                         capsize=3, color=colours[key], label=f"{label} (n={stats[0][2]})")  # fmt: skip
         if floors:
             ax.axhline(min(floors), color="grey", linestyle="--", linewidth=1, label="real-data floor")
-        ax.set(title=f"{title}: FID against network calls", xlabel="network calls per sample (NFE)", xscale="log",
-               ylabel="FID (mean ± std over seeds)")  # fmt: skip
+        fid = metric_label("FID", {"feature_extractor": features})
+        ax.set(title=f"{title}: {fid} against network calls", xlabel="network calls per sample (NFE)", xscale="log",
+               ylabel=f"{fid} (mean ± std over seeds)")  # fmt: skip
         ax.set_xticks(_spread_ticks(sorted({n for by_nfe in lines.values() for n in by_nfe})))
         _plain_numbers(ax, "x")
         if line_names is not None:  # samplers can differ by orders of magnitude at few calls

@@ -17,6 +17,10 @@ from diffusion_lab.runs.folders import last_error_line
 from diffusion_lab.runs.layout import HYDRA_CONFIG, HYDRA_OVERRIDES, METRICS_CSV, SAMPLE_GRIDS, run_config
 from diffusion_lab.runs.records import read_records
 
+INCEPTION = "inception-v3-compat"
+# How the report names FID/KID in each feature space: plain for Inception's (the literature's), "c" (classifier)
+# for the digits classifier's (eval.features=digits).
+METRIC_PREFIX = {INCEPTION: "", "digits-classifier": "c"}
 LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\]")
 IGNORED_OVERRIDES = ("hydra.", "paths.", "ckpt_path", "print_config")
 
@@ -77,15 +81,27 @@ class Run:
         if not self.evaluations:
             return []
         last_step = max(r["protocol"].get("global_step", -1) for r in self.evaluations)
-        newest: dict[str, dict] = {}
+        newest: dict[tuple[str, str], dict] = {}
         for record in self.evaluations:
-            if record["protocol"].get("global_step", -1) == last_step:
-                newest[sampler_label(record["protocol"])] = record
+            protocol = record["protocol"]
+            if protocol.get("global_step", -1) == last_step:
+                newest[(features_of(protocol), sampler_label(protocol))] = record
         return list(newest.values())
 
 
 def _bucket(key: str) -> int:
     return int(key.rsplit("_t", 1)[1])
+
+
+def features_of(protocol: dict[str, Any]) -> str:
+    """The feature network a record's FID/KID were computed in (records without one predate the choice)."""
+    return protocol.get("feature_extractor") or INCEPTION
+
+
+def metric_label(name: str, protocol: dict[str, Any]) -> str:
+    """'FID', 'KID' in Inception's space; 'cFID', 'cKID' in the digits classifier's."""
+    features = features_of(protocol)
+    return f"{METRIC_PREFIX.get(features, features + ' ')}{name}"
 
 
 def sampler_label(protocol: dict[str, Any]) -> str:

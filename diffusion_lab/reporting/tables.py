@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from diffusion_lab.reporting.run_data import Run, sampler_label
+from diffusion_lab.reporting.run_data import Run, metric_label, sampler_label
 
 DEFAULT = "(default)"
 # Columns where larger is better; every other numeric column is better smaller (losses, FID, KID, time).
@@ -38,18 +38,19 @@ def label_runs(runs: list[Run], keys: list[str]) -> None:
 
 
 def evaluation_columns(runs: list[Run]) -> list[str]:
-    """'FID ddim·20', … for every sampler setting evaluated at some run's final checkpoint."""
+    """'FID ddim·20', 'cFID dpm++·20' (the digits classifier's), … for every sampler setting and feature space
+    evaluated at some run's final checkpoint."""
     columns = []
     for run in runs:
         for record in run.final_evaluations:
             for metric, name in (("fid", "FID"), ("kid_mean", "KID")):
                 if metric in record["metrics"]:
-                    columns.append(f"{name} {sampler_label(record['protocol'])}")
+                    columns.append(f"{metric_label(name, record['protocol'])} {sampler_label(record['protocol'])}")
 
     def order(column: str) -> tuple:
         metric, setting = column.split(" ", 1)
         sampler, _, nfe = setting.partition("·")
-        return metric != "FID", sampler, int(nfe) if nfe.isdigit() else 0
+        return "KID" in metric, metric, sampler, int(nfe) if nfe.isdigit() else 0
 
     return sorted(dict.fromkeys(columns), key=order)
 
@@ -66,8 +67,9 @@ def run_columns(run: Run, eval_columns: list[str]) -> dict[str, Any]:
     for record in run.final_evaluations:
         label = sampler_label(record["protocol"])
         for metric, name in (("fid", "FID"), ("kid_mean", "KID")):
-            if metric in record["metrics"] and f"{name} {label}" in eval_columns:
-                values[f"{name} {label}"] = record["metrics"][metric]
+            column = f"{metric_label(name, record['protocol'])} {label}"
+            if metric in record["metrics"] and column in eval_columns:
+                values[column] = record["metrics"][metric]
     return values
 
 

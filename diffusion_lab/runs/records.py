@@ -26,6 +26,7 @@ KEY_FIELDS = (
     "guidance_scale",
     "class_label",
     "reference_split",
+    "feature_extractor",
 )
 
 
