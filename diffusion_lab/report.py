@@ -79,6 +79,10 @@ def build_report(paths: list[Path], output: Path) -> tuple[Path, Path, list[str]
             figures.fid_against_nfe(groups, figures_dir / f"fid_vs_nfe{suffix}.png", features),
             f"{fid} against network calls per sample at the final checkpoint",
         )
+        document.figure(
+            figures.fid_against_ema_length(runs, figures_dir / f"fid_vs_ema_length{suffix}.png", features),
+            f"{fid} against the post-hoc EMA length at the final checkpoint",
+        )
     document.figure(figures.sample_grids(runs, figures_dir / "samples.png"), "Last sample grid of each run")
     markdown, page = output / "report.md", output / "report.html"
     markdown.write_text(to_markdown(document, output))
@@ -102,12 +106,13 @@ def _evaluation_section(document: Document, runs: list[Run], problems: list[str]
             f"N < {SMALL_N:,} generated images: FID is biased upwards at small N, so these values compare the runs "
             "with each other (same N, same reference, same seeds), not with published numbers."
         )
-    header = ["run", "step", "sampler·NFE", "features", "FID", "KID", "N gen"]
+    header = ["run", "step", "sampler·NFE", "EMA", "features", "FID", "KID", "N gen"]
     rows = []
     for run, record in sorted(records, key=lambda r: (r[0].label, r[1]["protocol"].get("global_step", 0))):
         protocol, metrics = record["protocol"], record["metrics"]
         rows.append([
-            run.label or run.path.name, protocol.get("global_step"), sampler_label(protocol), features_of(protocol),
+            run.label or run.path.name, protocol.get("global_step"), sampler_label(protocol), ema_label(protocol),
+            features_of(protocol),
             metrics.get("fid"), metrics.get("kid_mean"), protocol.get("num_samples"),
         ])  # fmt: skip
     document.paragraph("Every evaluation recorded in the runs' eval/metrics.jsonl (EMA weights unless noted).")
@@ -118,6 +123,12 @@ def _evaluation_section(document: Document, runs: list[Run], problems: list[str]
         )
     document.table(Table(header, rows, {}))
     document.paragraph("Protocol: " + "; ".join(protocol_lines(protocols)) + ".")
+
+
+def ema_label(protocol: dict) -> str:
+    if protocol.get("ema_length") is not None:
+        return f"post-hoc σ_rel {protocol['ema_length']:g}"
+    return "checkpoint's" if protocol.get("ema", True) else "none (raw)"
 
 
 def evaluated_feature_spaces(runs: list[Run]) -> list[str]:

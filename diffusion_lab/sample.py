@@ -36,7 +36,7 @@ def sample(cfg: DictConfig) -> Path | None:
         module.to(fabric.device)
         labels = resolve_labels(cfg.class_label, cfg.num_samples, module.num_classes)
         settings = sampler_settings(cfg.sampler)
-        check_sampler_settings(module.schedule, **settings)
+        check_sampler_settings(module.noise_process, **settings)
         settings = module.resolve_sampler_settings(**settings)
     images = draw_samples(
         module,

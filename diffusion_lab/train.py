@@ -21,7 +21,13 @@ from omegaconf import DictConfig, open_dict
 from diffusion_lab.cli.console import print_config_tree, route_lightning_logs
 from diffusion_lab.cli.user_errors import config_errors, report_user_errors
 from diffusion_lab.config import CONFIG_DIR, register_configs
-from diffusion_lab.config.build import build_module, instantiate_group, storable_config
+from diffusion_lab.config.build import (
+    build_module,
+    command_line_overrides,
+    drop_preset_schedule,
+    instantiate_group,
+    storable_config,
+)
 from diffusion_lab.config.secrets import refuse_secrets
 from diffusion_lab.runs.checkpoints import load_checkpoint
 from diffusion_lab.runs.folders import resolve_checkpoint
@@ -34,6 +40,8 @@ register_configs()
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model; returns the final callback metrics as floats."""
     route_lightning_logs()
+    with config_errors():
+        drop_preset_schedule(cfg, command_line_overrides())
     if cfg.get("print_config"):
         print_config_tree(cfg, Path(cfg.paths.output_dir) / "config_tree.log")
     refuse_secrets(cfg, hydra_dir=Path(cfg.paths.output_dir) / HYDRA_DIR)

@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import instantiate
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from diffusion_lab.config.build import build_module, build_schedule, instantiate_group
+from diffusion_lab.config.build import build_module, build_schedule, drop_preset_schedule, instantiate_group
 from diffusion_lab.train import CONFIG_DIR
 from tests.helpers import write_cifar10, write_idx_dataset, write_image_folder
 
@@ -77,9 +77,14 @@ def test_every_math_option_builds_a_module(group, compose_config):
         overrides = ["experiment=quickstart", "model=unet_tiny", f"{group}={option}"]
         if option == "linear_zero_snr":
             overrides.append("objective=v_prediction")
-        module = build_module(compose_config(overrides))
+        if option == "none":  # no β schedule: for the objectives that own their noise path
+            overrides.append("objective=flow_matching")
+        cfg = compose_config(overrides)
+        drop_preset_schedule(cfg, overrides)  # as the train job does: the quickstart's cosine beside EDM
+        module = build_module(cfg)
         x = torch.zeros(2, 1, 8, 8)
-        losses = module.per_sample_loss(module.net, x, None, torch.tensor([0, 999]), torch.randn_like(x))
+        levels = module.draw_noise_levels(2, x.device)
+        losses = module.objective_loss(module.net, x, None, levels, torch.randn_like(x))
         assert torch.isfinite(losses).all(), option
 
 
@@ -124,6 +129,7 @@ def test_every_callbacks_option_instantiates(option, compose_config):
             "StepProgressBar",
         },
         "fid": {"FIDCallback"},
+        "posthoc_ema": {"PostHocEMA"},
         "none": set(),
     }[option]
     assert expected <= names and (names or not expected)

@@ -186,7 +186,7 @@ def test_objective_hybrid_trains_samples_and_scores_its_likelihood(tmp_path, com
         runs[objective] = run / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(runs["hybrid"], weights_only=False, map_location="cpu")
     assert checkpoint["diffusion_lab_config"]["objective"] == {
-        "prediction_type": "epsilon", "learned_variance": True, "vlb_weight": 0.001,
+        "kind": "ddpm", "prediction_type": "epsilon", "learned_variance": True, "vlb_weight": 0.001,
     }  # fmt: skip
     module, _ = load_module(str(runs["hybrid"]))
     assert module.learned_variance and module.net.out_channels == 2

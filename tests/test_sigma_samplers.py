@@ -265,9 +265,11 @@ def test_heun_counts_two_calls_per_step_but_the_last():
     counted = CountingModel(GaussianDataDenoiser(schedule, "epsilon"))
     sample(counted, schedule, (2, 1, 2, 2), sampler="heun", num_steps=5, timestep_spacing="karras")
     assert counted.calls == 9 == network_calls("heun", 5)
-    assert nfe_per_sample({"sampler": "heun", "num_steps": 5}, 1000, guidance_scale=0.0) == 9
-    assert nfe_per_sample({"sampler": "heun", "num_steps": 5}, 1000, guidance_scale=2.0) == 18
-    assert nfe_per_sample({"sampler": "euler", "num_steps": None}, 1000, guidance_scale=0.0) == 20
+    assert nfe_per_sample({"sampler": "heun", "num_steps": 5}, schedule, guidance_scale=0.0) == 9
+    assert nfe_per_sample({"sampler": "heun", "num_steps": 5}, schedule, guidance_scale=2.0) == 18
+    assert nfe_per_sample({"sampler": "euler", "num_steps": None}, schedule, guidance_scale=0.0) == 20
+    assert nfe_per_sample({"sampler": "ddpm", "num_steps": None}, schedule, guidance_scale=0.0) == 1000
+    assert nfe_per_sample({"sampler": "heun", "num_steps": None}, None, guidance_scale=0.0) == 19  # EDM, flow
 
 
 def test_sigma_samplers_record_a_trajectory_and_take_per_sample_seeds():

@@ -3,15 +3,22 @@ stored in its checkpoint (sample, evaluate)."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion_lab.config.schemas import plain
 from diffusion_lab.diffusion import LossWeighting, NoiseSchedule, make_loss_weighting, make_schedule
+from diffusion_lab.diffusion.continuous import ContinuousObjective
+from diffusion_lab.diffusion.edm import EDM
+from diffusion_lab.diffusion.flow_matching import FlowMatching
 from diffusion_lab.diffusion.samplers import SAMPLERS, check_sampler_settings, resolve_variance_type
+from diffusion_lab.errors import ConfigError
 from diffusion_lab.lit import DiffusionModule
+
+log = logging.getLogger("diffusion_lab")
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -43,11 +50,98 @@ def sampler_settings(sampler_cfg: DictConfig | dict) -> dict[str, Any]:
     return settings
 
 
+def objective_kind(objective_cfg: DictConfig | dict) -> str:
+    """ddpm, edm or flow_matching (configs written before the continuous objectives have no kind: ddpm)."""
+    kind = objective_cfg.get("kind") or "ddpm"
+    return getattr(kind, "value", str(kind))
+
+
+def build_continuous_objective(objective_cfg: DictConfig | dict) -> ContinuousObjective:
+    params = dict(plain(objective_cfg) if isinstance(objective_cfg, DictConfig) else objective_cfg)
+    kind = objective_kind(params)
+    params.pop("kind", None)
+    return {"edm": EDM, "flow_matching": FlowMatching}[kind](**params)
+
+
+def noise_process(cfg: DictConfig) -> NoiseSchedule | ContinuousObjective:
+    """What a run's samplers walk: its β schedule (DDPM), or its continuous objective."""
+    if objective_kind(cfg.objective) == "ddpm":
+        return build_schedule(cfg.schedule)
+    return build_continuous_objective(cfg.objective)
+
+
+def resolve_sampling(cfg: DictConfig, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` made concrete for the run's model (DDPM's variance type), checked against its process."""
+    process = noise_process(cfg)
+    if isinstance(process, NoiseSchedule):
+        settings = resolve_variance_type(settings, bool(cfg.objective.get("learned_variance", False)))
+    check_sampler_settings(process, **settings)
+    return settings
+
+
+def drop_preset_schedule(cfg: DictConfig, command_line: list[str]) -> None:
+    """A continuous objective owns its noise path, so a β schedule means nothing beside it. Given on the command
+    line, that is a mistake and is refused; set by a preset (``experiment=quickstart objective=edm``: the preset's
+    cosine schedule), it is dropped, and the stored config says schedule: null."""
+    kind = objective_kind(cfg.objective)
+    if kind == "ddpm" or cfg.get("schedule") is None:
+        return
+    if any(item.lstrip("+~").split("=")[0].split(".")[0] == "schedule" for item in command_line):
+        raise ConfigError(schedule_refusal(cfg, kind))
+    log.info("objective=%s walks its own noise path: the preset's β schedule is not used (schedule: null)", kind)
+    with open_dict(cfg):
+        cfg.schedule = None
+
+
+def command_line_overrides() -> list[str]:
+    """The overrides the job was started with (Hydra's runtime record; none outside a Hydra job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def schedule_refusal(cfg: DictConfig, kind: str) -> str:
+    name = getattr(cfg.schedule.get("beta_schedule"), "value", cfg.schedule.get("beta_schedule"))
+    return (
+        f"schedule={name} is a β schedule, which objective={kind} does not use: it owns its noise path "
+        f"({'x = x₀ + σε' if kind == 'edm' else 'x_t = (1 − t)x₀ + tε'}). Drop schedule=… (objective={kind} sets "
+        "schedule=none)."
+    )
+
+
+def check_objective_combination(cfg: DictConfig) -> None:
+    """What has no meaning beside a continuous objective, refused with the value and the fix."""
+    kind = objective_kind(cfg.objective)
+    if kind == "ddpm":
+        if cfg.get("schedule") is None:
+            raise ConfigError(
+                "schedule=none leaves DDPM's objective without its β schedule; pick one (schedule=linear, cosine, …) "
+                "or an objective that owns its path (objective=edm, flow_matching)."
+            )
+        return
+    if cfg.get("schedule") is not None:
+        raise ConfigError(schedule_refusal(cfg, kind))
+    weighting = cfg.get("loss_weighting") or {}
+    name = getattr(weighting.get("name"), "value", weighting.get("name"))
+    if name not in (None, "uniform"):
+        raise ConfigError(
+            f"loss_weighting={name} weights DDPM's timesteps; objective={kind} has its own weighting "
+            f"({'λ(σ) = (σ² + σ_data²)/(σ·σ_data)²' if kind == 'edm' else 'the plain velocity MSE'}): use "
+            "loss_weighting=uniform."
+        )
+
+
 def build_module(cfg: DictConfig, run_config: dict[str, Any] | None = None) -> DiffusionModule:
     """The DiffusionModule a run config describes (network, process, weighting, optimiser, sampler)."""
     lr_scheduler = instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None
-    schedule = build_schedule(cfg.schedule)
+    check_objective_combination(cfg)
     sampler = sampler_settings(cfg.sampler)
+    if objective_kind(cfg.objective) != "ddpm":
+        objective = build_continuous_objective(cfg.objective)
+        check_sampler_settings(objective, **sampler)
+        return DiffusionModule(net=instantiate(cfg.model), schedule=objective, sampler=sampler,
+                               **_training_settings(cfg, lr_scheduler, run_config))  # fmt: skip
+    schedule = build_schedule(cfg.schedule)
     check_sampler_settings(schedule, **sampler)
     objective = plain(cfg.objective)
     learned_variance = bool(objective.get("learned_variance", False))
@@ -61,15 +155,21 @@ def build_module(cfg: DictConfig, run_config: dict[str, Any] | None = None) -> D
         learned_variance=learned_variance,
         vlb_weight=float(objective.get("vlb_weight", 0.001)),
         loss_weighting=build_loss_weighting(cfg.loss_weighting),
-        optimizer=instantiate(cfg.optimizer),
-        lr_scheduler=lr_scheduler,
         sampler=sampler,
-        label_dropout=cfg.label_dropout,
-        loss_buckets=cfg.loss_buckets,
-        compile=cfg.compile,
-        max_nonfinite_steps=cfg.get("max_nonfinite_steps", 10),
-        config=run_config,
+        **_training_settings(cfg, lr_scheduler, run_config),
     )
+
+
+def _training_settings(cfg: DictConfig, lr_scheduler, run_config: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "optimizer": instantiate(cfg.optimizer),
+        "lr_scheduler": lr_scheduler,
+        "label_dropout": cfg.label_dropout,
+        "loss_buckets": cfg.loss_buckets,
+        "compile": cfg.compile,
+        "max_nonfinite_steps": cfg.get("max_nonfinite_steps", 10),
+        "config": run_config,
+    }
 
 
 def storable_config(cfg: DictConfig) -> dict[str, Any]:

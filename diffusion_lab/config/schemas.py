@@ -63,14 +63,50 @@ class ScheduleConfig:
     rescale_betas_zero_snr: bool = False
 
 
+class ObjectiveKind(str, Enum):
+    ddpm = "ddpm"
+    edm = "edm"
+    flow_matching = "flow_matching"
+
+
+class TimeSampling(str, Enum):
+    uniform = "uniform"
+    logit_normal = "logit_normal"
+
+
 @dataclass
 class ObjectiveConfig:
-    """What the network predicts; ``learned_variance`` adds Nichol & Dhariwal's variance output and trains it
-    with the hybrid objective L_simple + vlb_weight · L_vlb."""
+    """DDPM's objective on a β schedule: what the network predicts; ``learned_variance`` adds Nichol & Dhariwal's
+    variance output and trains it with the hybrid objective L_simple + vlb_weight · L_vlb."""
 
+    kind: ObjectiveKind = ObjectiveKind.ddpm
     prediction_type: PredictionType = PredictionType.epsilon
     learned_variance: bool = False
     vlb_weight: float = 0.001
+
+
+@dataclass
+class EDMObjectiveConfig:
+    """EDM (Karras et al. 2022): preconditioning with ``sigma_data``, ln σ ~ N(p_mean, p_std²) in training, λ(σ)
+    weighting; ``sigma_min``/``sigma_max`` bound the samplers' Karras grid. No β schedule (schedule=none)."""
+
+    kind: ObjectiveKind = ObjectiveKind.edm
+    sigma_data: float = 0.5
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+
+
+@dataclass
+class FlowMatchingObjectiveConfig:
+    """Flow matching on the linear path x_t = (1 − t)x₀ + tε, velocity target, t ~ ``time_sampling`` (logit-normal
+    with ``logit_mean``/``logit_std``, or uniform). No β schedule (schedule=none)."""
+
+    kind: ObjectiveKind = ObjectiveKind.flow_matching
+    time_sampling: TimeSampling = TimeSampling.logit_normal
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
 
 
 @dataclass
@@ -84,7 +120,8 @@ class LossWeightingConfig:
 
 @dataclass
 class SamplerConfig:
-    """Sampling settings; ``sampler`` ∈ {ddpm, ddim, dpm_solver++, euler, heun, euler_ancestral},
+    """Sampling settings; ``sampler`` ∈ {ddpm, ddim, dpm_solver++, euler, heun, euler_ancestral} (EDM and flow
+    matching: all but ddpm, on their own grids; the chain spacings linspace/leading/trailing mean that natural grid),
     ``num_steps`` null = the sampler's default (every timestep for ddpm); ``rho`` shapes ``karras`` spacing;
     ``s_*`` are EDM's stochastic churn for euler/heun (s_churn = 0: deterministic)."""
 
@@ -100,14 +137,18 @@ class SamplerConfig:
     s_tmin: float = 0.0
     s_tmax: float = float("inf")
     s_noise: float = 1.0
+    shift: float = 1.0  # flow matching's uniform-t grid, shifted towards the noise end (SD3: 3)
 
 
-SCHEMAS = {
-    "schedule": ScheduleConfig,
-    "objective": ObjectiveConfig,
-    "loss_weighting": LossWeightingConfig,
-    "sampler": SamplerConfig,
-}
+# (group, schema name, schema): an option's YAML starts with ``defaults: [<schema name>]``.
+SCHEMAS = (
+    ("schedule", "base_schedule", ScheduleConfig),
+    ("objective", "base_objective", ObjectiveConfig),
+    ("objective", "base_objective_edm", EDMObjectiveConfig),
+    ("objective", "base_objective_flow_matching", FlowMatchingObjectiveConfig),
+    ("loss_weighting", "base_loss_weighting", LossWeightingConfig),
+    ("sampler", "base_sampler", SamplerConfig),
+)
 
 
 def _integer_division(numerator: int, denominator: int) -> int:
@@ -124,8 +165,8 @@ def register_configs() -> None:
     """Resolvers plus the ``base_<group>`` schemas in Hydra's ConfigStore. Safe to call repeatedly."""
     register_resolvers()
     store = ConfigStore.instance()
-    for group, schema in SCHEMAS.items():
-        store.store(group=group, name=f"base_{group}", node=schema)
+    for group, name, schema in SCHEMAS:
+        store.store(group=group, name=name, node=schema)
 
 
 def plain(node) -> dict:

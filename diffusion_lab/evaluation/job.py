@@ -14,7 +14,8 @@ from diffusion_lab.cli.user_errors import config_errors
 from diffusion_lab.config.build import instantiate_group, sampler_settings
 from diffusion_lab.diffusion.samplers import check_sampler_settings
 from diffusion_lab.errors import ConfigError
-from diffusion_lab.evaluation.scoring import Evaluation
+from diffusion_lab.evaluation.nll import check_nll_applies
+from diffusion_lab.evaluation.scoring import Evaluation, with_ema_length
 from diffusion_lab.evaluation.sweep import evaluate_runs
 from diffusion_lab.generation.files import load_samples_npz
 from diffusion_lab.runs.checkpoints import load_module
@@ -42,17 +43,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if cfg.ckpt_path:
             path = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir), Path(cfg.output_dir))
             module, checkpoint = load_module(path, use_ema=cfg.use_ema)
+            if cfg.get("ema_length") is not None:
+                with_ema_length(module, checkpoint, path, cfg.ema_length)
+            if "nll" in job.metrics:
+                check_nll_applies(module.continuous.name if module.continuous is not None else "ddpm")
         job.data(checkpoint[CONFIG_KEY] if checkpoint else None)
         settings = sampler_settings(cfg.sampler)
         if module is not None:
-            check_sampler_settings(module.schedule, **settings)
+            check_sampler_settings(module.noise_process, **settings)
             settings = module.resolve_sampler_settings(**settings)
         samples = load_samples_npz(cfg.samples) if cfg.samples and job.fidelity else None
 
     output = Path(cfg.output_dir)
     report = job.score(
         module=module, checkpoint=checkpoint, checkpoint_path=path, samples=samples, settings=settings,
-        save_samples_to=output / "samples.npz" if samples is None else None,
+        save_samples_to=output / "samples.npz" if samples is None else None, ema_length=cfg.get("ema_length"),
     )  # fmt: skip
     if report is None:
         return {}

@@ -24,6 +24,7 @@ from diffusion_lab.diffusion import GaussianDiffusion
 from diffusion_lab.diffusion.likelihood import discretized_gaussian_log_likelihood, normal_kl, vlb_term
 from diffusion_lab.diffusion.process import split_learned_variance
 from diffusion_lab.diffusion.samplers import resolve_variance_type
+from diffusion_lab.errors import ConfigError
 
 __all__ = ["discretized_gaussian_log_likelihood", "held_out_nll", "nll_bits_per_dim", "normal_kl"]
 
@@ -64,6 +65,15 @@ def nll_bits_per_dim(
     parts = {"prior": prior.double() * nats_to_bits_per_dim, "denoising": denoising, "decoder": decoder}
     parts["total"] = parts["prior"] + parts["denoising"] + parts["decoder"]
     return parts
+
+
+def check_nll_applies(objective: str) -> None:
+    """The bound is DDPM's: a sum over its T discrete steps. The continuous objectives have no such chain."""
+    if objective != "ddpm":
+        raise ConfigError(
+            f"metrics=[nll] is DDPM's variational bound over its T discrete steps; objective={objective} has no such "
+            "chain here. Drop nll from metrics for this run."
+        )
 
 
 def held_out_nll(module, reference: torch.Tensor, cfg: DictConfig, device, protocol: dict) -> dict[str, float]:

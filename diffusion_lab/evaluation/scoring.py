@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from diffusion_lab.callbacks.posthoc_ema import synthesize_ema_weights
 from diffusion_lab.config.schemas import plain
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.evaluation import digits_classifier
@@ -30,7 +31,22 @@ from diffusion_lab.evaluation.fidelity import (
 from diffusion_lab.evaluation.nll import held_out_nll
 from diffusion_lab.generation.draw import draw_samples, make_fabric, nfe_per_sample, resolve_labels
 from diffusion_lab.generation.files import save_samples_npz
-from diffusion_lab.runs.layout import CONFIG_KEY
+from diffusion_lab.runs.layout import CONFIG_KEY, POSTHOC_EMA
+
+
+def with_ema_length(module, checkpoint: dict[str, Any], checkpoint_path: str | Path, ema_length: float):
+    """``module`` with its network's weights replaced by the post-hoc EMA of relative length ``ema_length`` at the
+    checkpoint's step, reconstructed from the snapshots in the checkpoint's run folder."""
+    folder = Path(checkpoint_path).resolve().parent.parent / POSTHOC_EMA
+    state = synthesize_ema_weights(module.net, folder, float(ema_length), int(checkpoint["global_step"]))
+    module.net.load_state_dict(state)
+    return module
+
+
+def ema_lengths(cfg: DictConfig) -> list[float | None]:
+    """The EMA lengths to score each checkpoint with: ``grid.ema_length``, else ``ema_length`` (None: the
+    checkpoint's own EMA weights)."""
+    return list((cfg.get("grid") or {}).get("ema_length") or []) or [cfg.get("ema_length")]
 
 
 def reference_datamodule(cfg: DictConfig, checkpoint_config: dict[str, Any] | None):
@@ -93,6 +109,7 @@ class Evaluation:
         samples: torch.Tensor | None = None,
         settings: dict[str, Any] | None = None,
         save_samples_to: Path | None = None,
+        ema_length: float | None = None,
     ) -> dict[str, Any] | None:
         """The metrics and full protocol of one checkpoint × sampler setting (or of given samples); None off rank 0."""
         cfg = self.cfg
@@ -116,7 +133,7 @@ class Evaluation:
             protocol.update(
                 num_samples=cfg.num_samples,
                 sampler=settings,
-                nfe_per_sample=nfe_per_sample(settings, module.schedule.num_train_timesteps, cfg.guidance_scale),
+                nfe_per_sample=nfe_per_sample(settings, module.schedule, cfg.guidance_scale),
                 guidance_scale=cfg.guidance_scale,
                 class_label=plain(cfg).get("class_label"),
                 seed=cfg.seed,
@@ -135,6 +152,8 @@ class Evaluation:
                 global_step=int(checkpoint["global_step"]),
                 ema=bool(cfg.use_ema),
             )
+            if ema_length is not None:
+                protocol["ema_length"] = float(ema_length)
         protocol["num_reference"] = len(reference)
         results: dict[str, float] = {}
         if self.fidelity:

@@ -14,15 +14,16 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion_lab.callbacks.posthoc_ema import check_ema_length
 from diffusion_lab.config import CONFIG_DIR
-from diffusion_lab.config.build import build_schedule
+from diffusion_lab.config.build import objective_kind, resolve_sampling
 from diffusion_lab.config.schemas import SamplerConfig, plain
-from diffusion_lab.diffusion.samplers import check_sampler_settings, resolve_variance_type
 from diffusion_lab.errors import CheckpointError, ConfigError
-from diffusion_lab.evaluation.scoring import Evaluation
+from diffusion_lab.evaluation.nll import check_nll_applies
+from diffusion_lab.evaluation.scoring import Evaluation, ema_lengths, with_ema_length
 from diffusion_lab.runs.checkpoints import load_module
 from diffusion_lab.runs.folders import CHECKPOINT_CHOICES, find_runs, saved_step, select_checkpoints
-from diffusion_lab.runs.layout import run_config
+from diffusion_lab.runs.layout import POSTHOC_EMA, run_config
 from diffusion_lab.runs.records import append_record, done_metrics, stamped
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,14 @@ def evaluate_runs(cfg: DictConfig) -> dict[str, Any]:
         )
     cells = sampler_grid(plain(cfg.sampler), plain(cfg.get("grid")), sampler_choice())
     for run in usable:  # every grid cell is checked against every run before anything is sampled
-        schedule = build_schedule(run_config(run.path).schedule)
+        trained = run_config(run.path)
+        if "nll" in cfg.metrics:
+            check_nll_applies(objective_kind(trained.objective))
+        for ema_length in ema_lengths(cfg):
+            if ema_length is not None:
+                check_ema_length(run.path / POSTHOC_EMA, ema_length)
         for cell in cells:
-            check_sampler_settings(schedule, **cell)
+            resolve_sampling(trained, cell)
     job = Evaluation(cfg)
     summary: dict[str, Any] = {"evaluated": 0, "skipped": 0, "failed": dict(failed), "records": []}
     started = time.perf_counter()
@@ -75,11 +81,19 @@ def evaluate_runs(cfg: DictConfig) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(job: Evaluation, run_dir: Path, path: Path, cells: list[dict], summary: dict) -> None:
+    for ema_length in ema_lengths(job.cfg):
+        evaluate_checkpoint_at(job, run_dir, path, cells, summary, ema_length)
+
+
+def evaluate_checkpoint_at(
+    job: Evaluation, run_dir: Path, path: Path, cells: list[dict], summary: dict, ema_length: float | None
+) -> None:
+    """Every grid cell of one checkpoint with one EMA length (None: the checkpoint's own EMA)."""
     cfg = job.cfg
     module = checkpoint = None
     step = saved_step(path)  # memory-mapped: a fully recorded checkpoint is never loaded
-    learned_variance = bool(run_config(run_dir).objective.get("learned_variance"))
-    for settings in (resolve_variance_type(cell, learned_variance) for cell in cells):
+    trained = run_config(run_dir)
+    for settings in (resolve_sampling(trained, cell) for cell in cells):
         key = {
             "checkpoint_file": f"{path.parent.name}/{path.name}", "global_step": step,
             "ema": bool(cfg.use_ema), "sampler": settings if job.fidelity else None,
@@ -88,6 +102,7 @@ def evaluate_checkpoint(job: Evaluation, run_dir: Path, path: Path, cells: list[
             "class_label": plain(cfg).get("class_label") if job.fidelity else None,
             "reference_split": cfg.reference_split,
             "feature_extractor": job.feature_protocol()["feature_extractor"],
+            "ema_length": None if ema_length is None else float(ema_length),
         }  # fmt: skip
         if set(job.metrics) <= done_metrics(run_dir, key):
             summary["skipped"] += 1
@@ -95,7 +110,10 @@ def evaluate_checkpoint(job: Evaluation, run_dir: Path, path: Path, cells: list[
             continue
         if module is None:
             module, checkpoint = load_module(str(path), use_ema=cfg.use_ema)
-        report = job.score(module=module, checkpoint=checkpoint, checkpoint_path=str(path), settings=settings)
+            if ema_length is not None:
+                with_ema_length(module, checkpoint, path, ema_length)
+        report = job.score(module=module, checkpoint=checkpoint, checkpoint_path=str(path), settings=settings,
+                           ema_length=ema_length)  # fmt: skip
         if report is not None:
             if not append_record(run_dir, stamped(report), unless_recorded=True):
                 # Another evaluation job on this run scored the same cell meanwhile; one record is enough.

@@ -13,7 +13,8 @@ import torch
 from lightning.fabric import Fabric
 
 from diffusion_lab.data.base import to_uint8
-from diffusion_lab.diffusion.samplers import network_calls, resolve_num_steps
+from diffusion_lab.diffusion.samplers import DEFAULT_NUM_STEPS, network_calls, resolve_num_steps
+from diffusion_lab.diffusion.schedules import NoiseSchedule
 from diffusion_lab.errors import ConfigError
 
 
@@ -96,9 +97,13 @@ def gather_in_seed_order(fabric: Fabric, local: torch.Tensor, num_samples: int, 
     return ordered.to(torch.uint8).cpu()
 
 
-def nfe_per_sample(sampler: dict[str, Any], num_train_timesteps: int, guidance_scale: float) -> int:
-    """Network evaluations per sample: one per step (all T for DDPM by default; Heun two per step but the
-    last), twice with guidance."""
+def nfe_per_sample(sampler: dict[str, Any], schedule: NoiseSchedule | None, guidance_scale: float) -> int:
+    """Network evaluations per sample: one per step (all T of a DDPM ``schedule`` for its ddpm sampler by default;
+    None: a continuous objective's, whose defaults are the samplers' own), Heun two per step but the last, twice
+    with guidance."""
     name = sampler.get("sampler", "ddim")
-    steps = resolve_num_steps(name, sampler.get("num_steps"), num_train_timesteps)
+    if schedule is None:
+        steps = sampler.get("num_steps") or DEFAULT_NUM_STEPS[name]
+    else:
+        steps = resolve_num_steps(name, sampler.get("num_steps"), schedule.num_train_timesteps)
     return network_calls(name, steps) * (2 if guidance_scale else 1)

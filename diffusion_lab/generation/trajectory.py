@@ -41,7 +41,7 @@ def save_trajectory_figure(
                 axis.set_yticks([])
                 if column == 0:
                     axis.set_ylabel(name, rotation=0, labelpad=14, fontsize=10)
-        axes[0, column].set_title(f"t={step.t}", fontsize=9)
+        axes[0, column].set_title(step.label or f"t={step.t}", fontsize=9)
     figure.suptitle("Reverse diffusion: the noisy state x_t (top) and the network's estimate x̂₀ (bottom)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -1,5 +1,6 @@
-"""DiffusionModule: the LightningModule that composes a network, the Gaussian process, a loss weighting and
-a sampler. Training logic only; the maths lives in ``diffusion_lab.diffusion``."""
+"""DiffusionModule: the LightningModule that composes a network, a noise process and its objective (DDPM's
+Gaussian process with a loss weighting, or a continuous objective: EDM, flow matching) and a sampler. Training
+logic only; the maths lives in ``diffusion_lab.diffusion``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from diffusion_lab.callbacks.ema import find_ema
-from diffusion_lab.diffusion import GaussianDiffusion, LossWeighting, NoiseSchedule, classifier_free_guidance
+from diffusion_lab.diffusion import (
+    GaussianDiffusion,
+    LossWeighting,
+    NoiseSchedule,
+    classifier_free_guidance,
+    make_loss_weighting,
+)
+from diffusion_lab.diffusion.continuous import ContinuousObjective
 from diffusion_lab.diffusion.likelihood import vlb_term
 from diffusion_lab.diffusion.process import split_learned_variance
 from diffusion_lab.diffusion.samplers import TrajectoryStep, resolve_variance_type, sample
@@ -32,13 +40,15 @@ SAMPLER_DEFAULTS: dict[str, Any] = {
 
 
 class DiffusionModule(L.LightningModule):
-    """ε-objective training of ``net`` (or x₀/v, per ``prediction_type``) and sampling from it.
+    """ε-objective training of ``net`` (or x₀/v, per ``prediction_type``; or a continuous objective's) and
+    sampling from it.
 
     Args:
         net: the network, ``net(x_t, t, y=None)``; its ``num_classes`` (if any) enables class conditioning.
-        schedule: the noise schedule of the forward process.
-        prediction_type: ``epsilon``, ``sample`` or ``v_prediction``.
-        loss_weighting: λ(t) on each sample's MSE.
+        schedule: the noise schedule of DDPM's forward process, or a continuous objective (EDM, flow matching),
+            which owns its noise path, its training distribution of noise levels and its loss.
+        prediction_type: ``epsilon``, ``sample`` or ``v_prediction`` (DDPM only).
+        loss_weighting: λ(t) on each sample's MSE (DDPM only; None: uniform).
         learned_variance: the network also outputs v for σ² = exp((v+1)/2 log β_t + (1−(v+1)/2) log β̃_t)
             (Nichol & Dhariwal; output channels doubled), trained by the hybrid objective
             L_simple + vlb_weight · T · L_t with the mean's gradient stopped in L_t.
@@ -59,10 +69,10 @@ class DiffusionModule(L.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        schedule: NoiseSchedule,
-        prediction_type: str,
-        loss_weighting: LossWeighting,
-        optimizer: Callable[..., torch.optim.Optimizer],
+        schedule: NoiseSchedule | ContinuousObjective,
+        prediction_type: str = "epsilon",
+        loss_weighting: LossWeighting | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW,
         *,
         learned_variance: bool = False,
         vlb_weight: float = 0.001,
@@ -92,8 +102,13 @@ class DiffusionModule(L.LightningModule):
         self.net = net
         self.learned_variance = learned_variance
         self.vlb_weight = vlb_weight
-        self.diffusion = GaussianDiffusion(schedule, prediction_type)
-        self.loss_weighting = loss_weighting
+        if isinstance(schedule, ContinuousObjective):
+            if learned_variance:
+                raise ValueError(f"learned_variance is DDPM's (objective=hybrid); objective={schedule.name} has none.")
+            self.continuous, self.diffusion = schedule, None
+        else:
+            self.continuous, self.diffusion = None, GaussianDiffusion(schedule, prediction_type)
+        self.loss_weighting = loss_weighting or make_loss_weighting("uniform")
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.sampler_settings = {**SAMPLER_DEFAULTS, **(sampler or {})}
@@ -123,8 +138,14 @@ class DiffusionModule(L.LightningModule):
     # -- properties ------------------------------------------------------------------------------------
 
     @property
-    def schedule(self) -> NoiseSchedule:
-        return self.diffusion.schedule
+    def noise_process(self) -> NoiseSchedule | ContinuousObjective:
+        """What the samplers walk: DDPM's β schedule, or the continuous objective."""
+        return self.continuous if self.continuous is not None else self.diffusion.schedule
+
+    @property
+    def schedule(self) -> NoiseSchedule | None:
+        """DDPM's β schedule (None for a continuous objective)."""
+        return self.diffusion.schedule if self.diffusion is not None else None
 
     @property
     def num_classes(self) -> int | None:
@@ -164,6 +185,34 @@ class DiffusionModule(L.LightningModule):
                 loss = loss + self.vlb_weight * self.diffusion.num_train_timesteps * vlb
             return loss
 
+    def continuous_loss(
+        self,
+        net: nn.Module,
+        x0: torch.Tensor,
+        labels: torch.Tensor | None,
+        tau: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """The continuous objective's loss at noise levels ``tau``, one value per sample (float32; the network may
+        run under autocast, the path, target and loss do not)."""
+        objective = self.continuous
+        x = objective.noisy(x0, noise, tau)
+        x_in, noise_input = objective.network_input(x, tau)
+        output = net(x_in, noise_input, labels) if labels is not None else net(x_in, noise_input)
+        with torch.autocast(device_type=x0.device.type, enabled=False):
+            return objective.per_sample_loss(output.float(), x0, x, noise, tau).float()
+
+    def draw_noise_levels(self, count: int, device: torch.device, generator: torch.Generator | None = None):
+        """Training's noise levels: t uniform over DDPM's timesteps, or the continuous objective's τ."""
+        if self.continuous is not None:
+            return self.continuous.sample_tau(count, device, generator)
+        return torch.randint(0, self.diffusion.num_train_timesteps, (count,), device=device, generator=generator)
+
+    def objective_loss(self, net: nn.Module, x0, labels, levels, noise) -> torch.Tensor:
+        if self.continuous is not None:
+            return self.continuous_loss(net, x0, labels, levels, noise)
+        return self.per_sample_loss(net, x0, labels, levels, noise)
+
     def _labels_for(self, labels: torch.Tensor | None, *, drop: bool) -> torch.Tensor | None:
         if self.num_classes is None:
             return None
@@ -179,9 +228,9 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor | None], batch_idx: int) -> torch.Tensor:
         x0, labels = batch
-        t = torch.randint(0, self.diffusion.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        t = self.draw_noise_levels(x0.shape[0], x0.device)
         noise = torch.randn_like(x0)
-        losses = self.per_sample_loss(self.net, x0, self._labels_for(labels, drop=True), t, noise)
+        losses = self.objective_loss(self.net, x0, self._labels_for(labels, drop=True), t, noise)
         loss = losses.mean()
         self._loss_is_finite = loss.detach().isfinite()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
@@ -209,9 +258,14 @@ class DiffusionModule(L.LightningModule):
         return next((path for path in paths if path), None)
 
     def _update_bucket_losses(self, losses: torch.Tensor, t: torch.Tensor) -> None:
-        """Per-bucket running means (synced across ranks), logged every ``log_every_n_steps`` steps."""
+        """Per-bucket running means (synced across ranks), logged every ``log_every_n_steps`` steps. Buckets are
+        equal ranges of t (DDPM), or of the training distribution's quantile of τ (continuous objectives): equal
+        shares of the batches either way, low noise first."""
         buckets = len(self.bucket_losses)
-        bucket = t * buckets // self.diffusion.num_train_timesteps
+        if self.continuous is not None:
+            bucket = (self.continuous.tau_quantile(t) * buckets).long().clamp(0, buckets - 1).to(losses.device)
+        else:
+            bucket = t * buckets // self.diffusion.num_train_timesteps
         counts = torch.zeros(buckets, device=losses.device).index_add_(0, bucket, torch.ones_like(losses))
         sums = torch.zeros(buckets, device=losses.device).index_add_(0, bucket, losses)
         for k, metric in enumerate(self.bucket_losses):
@@ -227,20 +281,20 @@ class DiffusionModule(L.LightningModule):
         generator = torch.Generator(device=x0.device).manual_seed(
             self.val_seed + 1_000_003 * self.global_rank + batch_idx
         )
-        t = torch.randint(0, self.diffusion.num_train_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+        t = self.draw_noise_levels(x0.shape[0], x0.device, generator)
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
         labels = self._labels_for(labels, drop=False)
         ema = find_ema(self._trainer)
         if ema is None:
-            loss = self.per_sample_loss(self.net, x0, labels, t, noise).mean()
+            loss = self.objective_loss(self.net, x0, labels, t, noise).mean()
             self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
             return
         # During validation the EMA callback has swapped the averaged weights into this module.
-        ema_loss = self.per_sample_loss(self.net, x0, labels, t, noise).mean()
+        ema_loss = self.objective_loss(self.net, x0, labels, t, noise).mean()
         raw_net = ema.raw_module(self).net
         was_training = raw_net.training
         raw_net.eval()
-        raw_loss = self.per_sample_loss(raw_net, x0, labels, t, noise).mean()
+        raw_loss = self.objective_loss(raw_net, x0, labels, t, noise).mean()
         raw_net.train(was_training)
         self.log("val/loss", raw_loss, sync_dist=True, batch_size=x0.shape[0])
         self.log("val/loss_ema", ema_loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
@@ -291,9 +345,9 @@ class DiffusionModule(L.LightningModule):
         try:
             return sample(
                 model_fn,
-                self.schedule,
+                self.noise_process,
                 shape,
-                prediction_type=self.diffusion.prediction_type,
+                prediction_type=self.diffusion.prediction_type if self.diffusion is not None else "epsilon",
                 generator=generators,
                 noise=noise,
                 device=self.device,
@@ -307,6 +361,8 @@ class DiffusionModule(L.LightningModule):
         """This module's sampler settings with ``overrides`` (None keeps the default) and ``variance_type``
         made concrete for this model (see ``resolve_variance_type``)."""
         settings = {**self.sampler_settings, **{k: v for k, v in overrides.items() if v is not None}}
+        if self.continuous is not None:  # no reverse variance to resolve
+            return settings
         return resolve_variance_type(settings, self.learned_variance)
 
     def _model_fn(self, net: nn.Module, labels: torch.Tensor | None, guidance_scale: float):

@@ -124,7 +124,10 @@ def fid_against_step(runs: list[Run], path: Path, features: str = INCEPTION) -> 
     for index, run in enumerate(runs):
         for record in run.evaluations:
             protocol = record["protocol"]
-            if "fid" in record["metrics"] and "global_step" in protocol and features_of(protocol) == features:
+            if (
+                "fid" in record["metrics"] and "global_step" in protocol and features_of(protocol) == features
+                and protocol.get("ema_length") is None
+            ):  # fmt: skip
                 curves[(index, sampler_label(record["protocol"]))].append(record)
     curves = {
         key: records for key, records in curves.items() if len({r["protocol"]["global_step"] for r in records}) > 1
@@ -147,6 +150,34 @@ def fid_against_step(runs: list[Run], path: Path, features: str = INCEPTION) -> 
         ax.set(title=f"{name} against training step", xlabel="optimiser step of the checkpoint", ylabel=name)
         ax.grid(alpha=0.3)
     _legend(axes[0][0], len(curves))
+    return _save(fig, path)
+
+
+def fid_against_ema_length(runs: list[Run], path: Path, features: str = INCEPTION) -> Path | None:
+    """FID at the final checkpoint against the post-hoc EMA length σ_rel (``grid.ema_length``), one line per run
+    and sampler setting: where the average should be, chosen after training."""
+    curves = defaultdict(dict)
+    for index, run in enumerate(runs):
+        last_step = max((r["protocol"].get("global_step", -1) for r in run.evaluations), default=-1)
+        for record in run.evaluations:
+            protocol = record["protocol"]
+            if (
+                "fid" in record["metrics"] and protocol.get("ema_length") is not None
+                and protocol.get("global_step", -1) == last_step and features_of(protocol) == features
+            ):  # fmt: skip
+                curves[(index, sampler_label(protocol))][protocol["ema_length"]] = record["metrics"]["fid"]
+    curves = {key: points for key, points in curves.items() if len(points) > 1}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (index, label), points in sorted(curves.items()):
+        lengths = sorted(points)
+        ax.plot(lengths, [points[x] for x in lengths], marker="o", markersize=3, color=_colour(index),
+                label=f"{runs[index].label} · {label}")  # fmt: skip
+    fid = metric_label("FID", {"feature_extractor": features})
+    ax.set(title=f"{fid} against the post-hoc EMA length", xlabel="relative EMA length σ_rel (EDM2)", ylabel=fid)
+    ax.grid(alpha=0.3)
+    _legend(ax, len(curves))
     return _save(fig, path)
 
 

@@ -77,12 +77,14 @@ class Run:
 
     @property
     def final_evaluations(self) -> list[dict[str, Any]]:
-        """The records of the run's latest evaluated step (one per sampler setting, the newest of each)."""
-        if not self.evaluations:
+        """The records of the run's latest evaluated step (one per sampler setting, the newest of each), with the
+        checkpoint's own EMA weights (post-hoc EMA lengths have their own figure)."""
+        own_ema = [r for r in self.evaluations if r["protocol"].get("ema_length") is None]
+        if not own_ema:
             return []
-        last_step = max(r["protocol"].get("global_step", -1) for r in self.evaluations)
+        last_step = max(r["protocol"].get("global_step", -1) for r in own_ema)
         newest: dict[tuple[str, str], dict] = {}
-        for record in self.evaluations:
+        for record in own_ema:
             protocol = record["protocol"]
             if protocol.get("global_step", -1) == last_step:
                 newest[(features_of(protocol), sampler_label(protocol))] = record

@@ -27,6 +27,7 @@ KEY_FIELDS = (
     "class_label",
     "reference_split",
     "feature_extractor",
+    "ema_length",
 )
 
 

@@ -31,11 +31,13 @@ def randn(shape: Sequence[int], generator: Generator, device: torch.device | str
 
 @dataclass
 class TrajectoryStep:
-    """One reverse step: the timestep, the input x_t and the x̂₀ the network implied there (on the CPU)."""
+    """One reverse step: the timestep, the input x_t and the x̂₀ the network implied there (on the CPU); ``label``
+    names a continuous objective's noise level (σ = 2.5, t = 0.40) where a timestep index would not."""
 
     t: int
     x_t: torch.Tensor
     pred_x0: torch.Tensor
+    label: str = ""
 
 
 @dataclass

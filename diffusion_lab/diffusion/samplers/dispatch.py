@@ -1,7 +1,8 @@
 """``sample``: one entry point for every sampler, from the settings a config holds to the clean samples.
 
-DDPM, DDIM and DPM-Solver++(2M) walk a respaced chain of the training timesteps; Euler, Heun and Euler-ancestral
-walk a grid of noise levels σ. All end on the clean sample.
+On a DDPM model (a β schedule), DDPM, DDIM and DPM-Solver++(2M) walk a respaced chain of the training timesteps;
+Euler, Heun and Euler-ancestral walk a grid of noise levels σ. On a continuous objective (EDM, flow matching) the
+samplers of ``continuous.py`` walk its own path. All end on the clean sample.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
+from diffusion_lab.diffusion.continuous import ContinuousObjective
 from diffusion_lab.diffusion.process import check_prediction_type
 from diffusion_lab.diffusion.samplers.chain import Generator, ModelFn, SamplingChain, TrajectoryStep, randn
+from diffusion_lab.diffusion.samplers.continuous import check_continuous_settings, sample_continuous
 from diffusion_lab.diffusion.samplers.ddim import ddim_loop
 from diffusion_lab.diffusion.samplers.ddpm import ddpm_loop
 from diffusion_lab.diffusion.samplers.dpm_solver import dpm_solver_2m_loop
@@ -54,7 +57,7 @@ def sampler_sigmas(
 
 
 def check_sampler_settings(
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | ContinuousObjective,
     sampler: str = "ddim",
     num_steps: int | None = None,
     eta: float = 0.0,
@@ -67,10 +70,24 @@ def check_sampler_settings(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
+    shift: float = 1.0,
 ) -> None:
-    """Raise the ValueError ``sample`` would, before any sampling starts."""
+    """Raise the ValueError ``sample`` would, before any sampling starts. ``schedule``: a DDPM model's β schedule,
+    or a continuous objective (EDM, flow matching), whose samplers live in ``continuous.py``."""
+    if isinstance(schedule, ContinuousObjective):
+        check_continuous_settings(
+            schedule, sampler, num_steps, eta, timestep_spacing, variance_type, clip_sample, rho, sigma_max,
+            s_churn, s_tmin, s_tmax, s_noise, shift,
+        )  # fmt: skip
+        return
+    _check_no_shift(shift)
     churn = Churn(s_churn, s_tmin, s_tmax, s_noise)
     _grid(schedule, sampler, num_steps, eta, timestep_spacing, variance_type, rho, sigma_max, churn)
+
+
+def _check_no_shift(shift: float) -> None:
+    if shift != 1.0:
+        raise ValueError(f"shift={shift} applies to flow matching's uniform-t grid only; leave shift=1.")
 
 
 def _grid(
@@ -94,7 +111,7 @@ def _grid(
 
 def sample(
     model_fn: ModelFn,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | ContinuousObjective,
     shape: Sequence[int],
     *,
     sampler: str = "ddim",
@@ -110,6 +127,7 @@ def sample(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
+    shift: float = 1.0,
     generator: Generator = None,
     noise: torch.Tensor | None = None,
     return_trajectory: bool = False,
@@ -127,7 +145,15 @@ def sample(
     sample (then sample i depends only on generator i). With ``return_trajectory`` also returns, per network
     call on the main path, x_t and x̂₀ (on the CPU).
     """
+    if isinstance(schedule, ContinuousObjective):  # its own parameterisation: prediction_type does not apply
+        return sample_continuous(
+            model_fn, schedule, shape, sampler=sampler, num_steps=num_steps, eta=eta, timestep_spacing=timestep_spacing,
+            variance_type=variance_type, clip_sample=clip_sample, rho=rho, sigma_max=sigma_max, s_churn=s_churn,
+            s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, shift=shift, generator=generator, noise=noise,
+            return_trajectory=return_trajectory, device=device, dtype=dtype,
+        )  # fmt: skip
     check_prediction_type(prediction_type)
+    _check_no_shift(shift)
     churn = Churn(s_churn, s_tmin, s_tmax, s_noise)
     grid = _grid(schedule, sampler, num_steps, eta, timestep_spacing, variance_type, rho, sigma_max, churn)
     variance_type = variance_type or "fixed_small"

@@ -29,12 +29,7 @@ def check_options(
 ) -> None:
     if sampler not in SAMPLERS:
         raise ValueError(f"Unknown sampler {sampler!r}; valid choices: {', '.join(SAMPLERS)}.")
-    if spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(f"Unknown timestep_spacing {spacing!r}; valid choices: {', '.join(TIMESTEP_SPACINGS)}.")
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta={eta!r} must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise).")
-    if eta != 0.0 and sampler != "ddim":
-        raise ValueError(f"eta={eta} applies only to sampler='ddim', not {sampler!r}; leave eta=0.")
+    check_spacing(spacing)
     if variance_type is not None and variance_type not in VARIANCE_TYPES:
         raise ValueError(f"Unknown variance_type {variance_type!r}; valid choices: {', '.join(VARIANCE_TYPES)}.")
     if variance_type == "learned_range" and sampler != "ddpm":
@@ -42,6 +37,23 @@ def check_options(
             f"variance_type=learned_range applies only to sampler=ddpm; {sampler!r} uses the mean alone (a "
             "learned-variance model's prediction channels), so leave variance_type null."
         )
+    check_steps_eta_churn(sampler, num_steps, eta, churn, churn_samplers=("euler", "heun"))
+
+
+def check_spacing(spacing: str) -> None:
+    if spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"Unknown timestep_spacing {spacing!r}; valid choices: {', '.join(TIMESTEP_SPACINGS)}.")
+
+
+def check_steps_eta_churn(
+    sampler: str, num_steps: int, eta: float, churn: Churn, churn_samplers: tuple[str, ...], where: str = ""
+) -> None:
+    """What every sampler family checks alike: DDIM's η, Heun's two steps at least, EDM's churn (allowed for
+    ``churn_samplers``; ``where`` names what else the churn needs, e.g. " on objective=edm")."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta={eta!r} must lie in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise).")
+    if eta != 0.0 and sampler != "ddim":
+        raise ValueError(f"eta={eta} applies only to sampler='ddim', not {sampler!r}; leave eta=0.")
     if sampler == "heun" and num_steps < 2:
         raise ValueError(
             f"num_steps={num_steps} is too few for sampler='heun': its only step would go to σ = 0, which is an "
@@ -49,8 +61,10 @@ def check_options(
         )
     if churn.s_churn < 0 or not math.isfinite(churn.s_churn):
         raise ValueError(f"s_churn={churn.s_churn!r} must be a finite number >= 0 (0: the deterministic ODE).")
-    if churn.s_churn > 0 and sampler not in ("euler", "heun"):
-        raise ValueError(f"s_churn={churn.s_churn} applies only to sampler=euler or heun, not {sampler!r}; set 0.")
+    if churn.s_churn > 0 and sampler not in churn_samplers:
+        raise ValueError(
+            f"s_churn={churn.s_churn} applies only to sampler=euler or heun{where}, not {sampler!r}; set 0."
+        )
     if not 0.0 <= churn.s_tmin <= churn.s_tmax:
         raise ValueError(
             f"s_tmin={churn.s_tmin!r}, s_tmax={churn.s_tmax!r}: churn applies to σ in [s_tmin, s_tmax], so they "
