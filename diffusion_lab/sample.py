@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from diffusion_lab.cli.user_errors import config_errors, report_user_errors
 from diffusion_lab.config import CONFIG_DIR, register_configs
-from diffusion_lab.config.build import sampler_settings
+from diffusion_lab.config.build import checkpoint_sampler, sampler_settings
 from diffusion_lab.diffusion.samplers import check_sampler_settings
 from diffusion_lab.generation.draw import draw_samples, make_fabric, resolve_labels
 from diffusion_lab.generation.files import save_samples_npz
@@ -22,6 +22,7 @@ from diffusion_lab.generation.grids import save_grid
 from diffusion_lab.generation.trajectory import save_trajectory_figure, save_trajectory_gif
 from diffusion_lab.runs.checkpoints import load_module
 from diffusion_lab.runs.folders import resolve_checkpoint
+from diffusion_lab.runs.layout import CONFIG_KEY
 
 log = logging.getLogger(__name__)
 register_configs()
@@ -32,10 +33,10 @@ def sample(cfg: DictConfig) -> Path | None:
     with config_errors():
         checkpoint = resolve_checkpoint(cfg.ckpt_path, Path(cfg.paths.log_dir), Path(cfg.output_dir))
         fabric = make_fabric(cfg.accelerator, cfg.devices, cfg.precision)
-        module, _ = load_module(checkpoint, use_ema=cfg.use_ema)
+        module, stored = load_module(checkpoint, use_ema=cfg.use_ema)
         module.to(fabric.device)
         labels = resolve_labels(cfg.class_label, cfg.num_samples, module.num_classes)
-        settings = sampler_settings(cfg.sampler)
+        settings = checkpoint_sampler(cfg, stored[CONFIG_KEY]) or sampler_settings(cfg.sampler)
         check_sampler_settings(module.noise_process, **settings)
         settings = module.resolve_sampler_settings(**settings)
     images = draw_samples(

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "diffusion_lab"
-ENTRY_POINTS = {"train", "sample", "evaluate", "report", "plot_schedules"}
+ENTRY_POINTS = {"train", "distill", "sample", "evaluate", "report", "plot_schedules"}
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -154,3 +154,14 @@ def test_sample_grid_png_has_one_tile_per_image(tmp_path):
     grid = Image.open(path)
     # 4 columns × 3 rows of 32-pixel tiles with 2-pixel padding around each.
     assert grid.size == (4 * 34 + 2, 3 * 34 + 2)
+
+
+def test_a_jobs_sampler_setting_left_null_is_the_samplers_default_not_the_modules(module):
+    """``sampler=ddpm`` (num_steps: null, "every training timestep") on a module whose own sampler walks 20 steps:
+    the job's explicit null must mean all T steps (it once silently became the module's 20)."""
+    from diffusion_lab.generation.draw import nfe_per_sample
+
+    module.sampler_settings.update(sampler="dpm_solver++", num_steps=20)
+    settings = module.resolve_sampler_settings(sampler="ddpm", num_steps=None, variance_type=None)
+    assert nfe_per_sample(settings, module.schedule, guidance_scale=0.0) == module.schedule.num_train_timesteps
+    assert module.resolve_sampler_settings(sampler="ddim")["num_steps"] == 20  # a key left out keeps the module's

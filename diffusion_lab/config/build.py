@@ -93,6 +93,16 @@ def drop_preset_schedule(cfg: DictConfig, command_line: list[str]) -> None:
         cfg.schedule = None
 
 
+def checkpoint_sampler(job_cfg: DictConfig, checkpoint_config: dict[str, Any]) -> dict[str, Any] | None:
+    """A distilled checkpoint's own sampler (its round's DDIM steps) when the job chose none (no ``sampler`` on the
+    command line, no ``grid.sampler``): a student is drawn with the sampler it was distilled for unless asked
+    otherwise. None for any other checkpoint, or when the job chose."""
+    chosen = any(item.lstrip("+~").split("=")[0].split(".")[0] == "sampler" for item in command_line_overrides())
+    if checkpoint_config.get("distillation") and not chosen and not (job_cfg.get("grid") or {}).get("sampler"):
+        return sampler_settings(checkpoint_config["sampler"])
+    return None
+
+
 def command_line_overrides() -> list[str]:
     """The overrides the job was started with (Hydra's runtime record; none outside a Hydra job)."""
     from hydra.core.hydra_config import HydraConfig
@@ -170,6 +180,37 @@ def _training_settings(cfg: DictConfig, lr_scheduler, run_config: dict[str, Any]
         "max_nonfinite_steps": cfg.get("max_nonfinite_steps", 10),
         "config": run_config,
     }
+
+
+def build_distillation(cfg: DictConfig, teacher_checkpoint: dict[str, Any], run_config: dict[str, Any] | None = None):
+    """A ProgressiveDistillation student (its teacher's network and weights, predicting v) and its frozen teacher
+    (the checkpoint's EMA weights)."""
+    from diffusion_lab.lit.distillation import ProgressiveDistillation
+    from diffusion_lab.runs.checkpoints import module_from_checkpoint
+
+    kind = objective_kind(cfg.objective)
+    if kind != "ddpm" or cfg.objective.get("learned_variance"):
+        raise ConfigError(
+            f"teacher={cfg.teacher} was trained with objective={kind if kind != 'ddpm' else 'hybrid'}; progressive "
+            "distillation walks DDIM on a β schedule with the network's prediction alone: give a checkpoint trained "
+            "with objective=epsilon, sample or v_prediction."
+        )
+    teacher = module_from_checkpoint(teacher_checkpoint, cfg.teacher, use_ema=True)
+    student = instantiate(cfg.model)
+    student.load_state_dict(teacher.net.state_dict())
+    lr_scheduler = instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None
+    settings = cfg.distillation
+    return ProgressiveDistillation(
+        teacher=teacher.net,
+        teacher_prediction_type=teacher.diffusion.prediction_type,
+        start_steps=int(settings.start_steps),
+        final_steps=int(settings.final_steps),
+        steps_per_round=int(settings.steps_per_round),
+        net=student,
+        schedule=build_schedule(cfg.schedule),
+        sampler=sampler_settings(cfg.sampler),
+        **_training_settings(cfg, lr_scheduler, run_config),
+    )
 
 
 def storable_config(cfg: DictConfig) -> dict[str, Any]:

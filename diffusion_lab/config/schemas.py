@@ -7,6 +7,7 @@ unknown keys, wrong types and values outside an Enum are refused with Hydra's me
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -155,10 +156,24 @@ def _integer_division(numerator: int, denominator: int) -> int:
     return int(numerator) // int(denominator)
 
 
+def _product(a: int, b: int) -> int:
+    return int(a) * int(b)
+
+
+def _log2_ratio(numerator: int, denominator: int) -> int:
+    """How many halvings take ``numerator`` to ``denominator`` (rounded; the distillation module checks it is exact)."""
+    return max(round(math.log2(int(numerator) / max(int(denominator), 1))), 0)
+
+
+RESOLVERS = {"div": _integer_division, "mul": _product, "log2_ratio": _log2_ratio}
+
+
 def register_resolvers() -> None:
-    """``${div:a,b}`` → a // b (e.g. attention at half the image size). Safe to call repeatedly."""
-    if not OmegaConf.has_resolver("div"):
-        OmegaConf.register_new_resolver("div", _integer_division)
+    """``${div:a,b}`` → a // b (e.g. attention at half the image size), ``${mul:a,b}``, ``${log2_ratio:a,b}`` (the
+    rounds of a distillation). Safe to call repeatedly."""
+    for name, resolver in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 def register_configs() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from diffusion_lab.cli.user_errors import config_errors
-from diffusion_lab.config.build import instantiate_group, sampler_settings
+from diffusion_lab.config.build import checkpoint_sampler, instantiate_group, sampler_settings
 from diffusion_lab.diffusion.samplers import check_sampler_settings
 from diffusion_lab.errors import ConfigError
 from diffusion_lab.evaluation.nll import check_nll_applies
@@ -48,7 +48,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             if "nll" in job.metrics:
                 check_nll_applies(module.continuous.name if module.continuous is not None else "ddpm")
         job.data(checkpoint[CONFIG_KEY] if checkpoint else None)
-        settings = sampler_settings(cfg.sampler)
+        settings = (checkpoint and checkpoint_sampler(cfg, checkpoint[CONFIG_KEY])) or sampler_settings(cfg.sampler)
         if module is not None:
             check_sampler_settings(module.noise_process, **settings)
             settings = module.resolve_sampler_settings(**settings)

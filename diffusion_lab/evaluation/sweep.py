@@ -16,14 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.callbacks.posthoc_ema import check_ema_length
 from diffusion_lab.config import CONFIG_DIR
-from diffusion_lab.config.build import objective_kind, resolve_sampling
+from diffusion_lab.config.build import checkpoint_sampler, objective_kind, resolve_sampling
 from diffusion_lab.config.schemas import SamplerConfig, plain
 from diffusion_lab.errors import CheckpointError, ConfigError
 from diffusion_lab.evaluation.nll import check_nll_applies
 from diffusion_lab.evaluation.scoring import Evaluation, ema_lengths, with_ema_length
-from diffusion_lab.runs.checkpoints import load_module
+from diffusion_lab.runs.checkpoints import load_checkpoint, load_module
 from diffusion_lab.runs.folders import CHECKPOINT_CHOICES, find_runs, saved_step, select_checkpoints
-from diffusion_lab.runs.layout import POSTHOC_EMA, run_config
+from diffusion_lab.runs.layout import CONFIG_KEY, POSTHOC_EMA
 from diffusion_lab.runs.records import append_record, done_metrics, stamped
 
 log = logging.getLogger(__name__)
@@ -47,15 +47,18 @@ def evaluate_runs(cfg: DictConfig) -> dict[str, Any]:
             + "; point runs= at a run folder (outputs/<date>/<time>) or a multirun folder."
         )
     cells = sampler_grid(plain(cfg.sampler), plain(cfg.get("grid")), sampler_choice())
-    for run in usable:  # every grid cell is checked against every run before anything is sampled
-        trained = run_config(run.path)
-        if "nll" in cfg.metrics:
-            check_nll_applies(objective_kind(trained.objective))
+    for run in usable:  # every grid cell is checked against every checkpoint before anything is sampled
         for ema_length in ema_lengths(cfg):
             if ema_length is not None:
                 check_ema_length(run.path / POSTHOC_EMA, ema_length)
-        for cell in cells:
-            resolve_sampling(trained, cell)
+        for path in select_checkpoints(run, cfg.checkpoints):
+            trained = trained_config(path)
+            if trained is None:
+                continue  # unreadable: the evaluation names the problem when it reaches it
+            if "nll" in cfg.metrics:
+                check_nll_applies(objective_kind(trained.objective))
+            for cell in cells_for(cfg, trained, cells):
+                resolve_sampling(trained, cell)
     job = Evaluation(cfg)
     summary: dict[str, Any] = {"evaluated": 0, "skipped": 0, "failed": dict(failed), "records": []}
     started = time.perf_counter()
@@ -92,8 +95,10 @@ def evaluate_checkpoint_at(
     cfg = job.cfg
     module = checkpoint = None
     step = saved_step(path)  # memory-mapped: a fully recorded checkpoint is never loaded
-    trained = run_config(run_dir)
-    for settings in (resolve_sampling(trained, cell) for cell in cells):
+    trained = trained_config(path)
+    if trained is None:
+        raise CheckpointError(f"{path} cannot be read (truncated or not a diffusion_lab checkpoint).")
+    for settings in (resolve_sampling(trained, cell) for cell in cells_for(cfg, trained, cells)):
         key = {
             "checkpoint_file": f"{path.parent.name}/{path.name}", "global_step": step,
             "ema": bool(cfg.use_ema), "sampler": settings if job.fidelity else None,
@@ -125,6 +130,21 @@ def evaluate_checkpoint_at(
         summary["evaluated"] += 1
         if not job.fidelity:
             break  # nll does not depend on the sampler
+
+
+def trained_config(path: Path) -> DictConfig | None:
+    """The config a checkpoint was trained with, as stored in it (memory-mapped: the weights are not read)."""
+    try:
+        return OmegaConf.create(load_checkpoint(path, mmap=True)[CONFIG_KEY])
+    except CheckpointError:
+        return None
+
+
+def cells_for(cfg: DictConfig, trained: DictConfig, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The grid's cells, or a distilled checkpoint's own sampler when neither the grid nor the command line chose
+    one (each round's checkpoint then counts its own DDIM steps)."""
+    own = checkpoint_sampler(cfg, OmegaConf.to_container(trained, resolve=True))
+    return [own] if own is not None else cells
 
 
 def sampler_choice() -> str | None:

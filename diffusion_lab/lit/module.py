@@ -358,9 +358,10 @@ class DiffusionModule(L.LightningModule):
             net.train(was_training)
 
     def resolve_sampler_settings(self, **overrides: Any) -> dict[str, Any]:
-        """This module's sampler settings with ``overrides`` (None keeps the default) and ``variance_type``
-        made concrete for this model (see ``resolve_variance_type``)."""
-        settings = {**self.sampler_settings, **{k: v for k, v in overrides.items() if v is not None}}
+        """This module's sampler settings with ``overrides`` (keys left out keep the module's value; an explicit
+        None is the sampler's own default: ``num_steps=None`` with ddpm walks all T steps, not the module's
+        number) and ``variance_type`` made concrete for this model (see ``resolve_variance_type``)."""
+        settings = {**self.sampler_settings, **overrides}
         if self.continuous is not None:  # no reverse variance to resolve
             return settings
         return resolve_variance_type(settings, self.learned_variance)

@@ -57,9 +57,14 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
 
 def load_module(path: str | Path, use_ema: bool = True):
     """(DiffusionModule in eval mode, checkpoint) with the EMA weights (default) or the raw ones."""
+    checkpoint = load_checkpoint(path)
+    return module_from_checkpoint(checkpoint, path, use_ema), checkpoint
+
+
+def module_from_checkpoint(checkpoint: dict[str, Any], path: str | Path, use_ema: bool = True):
+    """The DiffusionModule (eval mode) a loaded checkpoint describes, with its EMA weights or the raw ones."""
     from diffusion_lab.config.build import build_module
 
-    checkpoint = load_checkpoint(path)
     config = OmegaConf.create(checkpoint[CONFIG_KEY])
     module = build_module(config)
     if use_ema:
@@ -77,7 +82,7 @@ def load_module(path: str | Path, use_ema: bool = True):
             f"{unexpected[:3]}); was it written by another version of diffusion_lab?"
         )
     module.eval()
-    return module, checkpoint
+    return module
 
 
 def _unsupported_global(error: BaseException) -> str:

@@ -1,0 +1,173 @@
+"""ProgressiveDistillation: a DiffusionModule (the student) that learns from a frozen teacher to sample in half the
+DDIM steps, round after round (Salimans & Ho 2022; the maths in ``diffusion_lab.diffusion.distillation``).
+
+The run is ``num_rounds × steps_per_round`` optimiser steps. Round r distils a teacher walking 2N steps into a
+student walking N = start_steps / 2^(r+1); at the round's end the student's EMA weights become the next teacher
+(and the student's own weights, which continue from there). The student predicts v (x̂₀ from an ε-prediction at
+one step from pure noise divides by α ≈ 0), starting from the teacher's weights. Everything else is the training
+loop's: EMA, checkpoints, sample grids, DDP/bf16, resuming — a resumed run restores its round and its teacher, which
+live in the checkpoint beside the student. The student's checkpoints record the DDIM sampler of their round, so
+``sample`` and ``evaluate`` draw with it by default and count its calls.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffusion_lab.callbacks.ema import find_ema
+from diffusion_lab.diffusion import GaussianDiffusion
+from diffusion_lab.diffusion.distillation import (
+    DDIMCoefficients,
+    student_grid,
+    teacher_two_steps,
+    truncated_snr_weight,
+    two_step_target,
+)
+from diffusion_lab.lit.module import DiffusionModule
+
+DISTILLATION_KEY = "distillation"
+
+
+class ProgressiveDistillation(DiffusionModule):
+    def __init__(
+        self,
+        *,
+        teacher: nn.Module,
+        teacher_prediction_type: str,
+        start_steps: int,
+        final_steps: int,
+        steps_per_round: int,
+        **module_args: Any,
+    ) -> None:
+        rounds = math.log2(start_steps / final_steps) if final_steps >= 1 and start_steps > final_steps else 0
+        if rounds < 1 or rounds != int(rounds):
+            raise ValueError(
+                f"start_steps={start_steps} and final_steps={final_steps}: the steps halve every round, so start_steps "
+                "must be final_steps × 2^k with k >= 1 (e.g. 64 → 1 in 6 rounds)."
+            )
+        if steps_per_round < 1:
+            raise ValueError(f"steps_per_round={steps_per_round} must be >= 1.")
+        super().__init__(prediction_type="v_prediction", **module_args)
+        if self.diffusion is None:
+            raise ValueError("progressive distillation walks a β schedule's DDIM chain; this teacher has none.")
+        self.start_steps, self.final_steps, self.steps_per_round = start_steps, final_steps, steps_per_round
+        self.num_rounds = int(rounds)
+        if start_steps > self.diffusion.num_train_timesteps:
+            raise ValueError(
+                f"start_steps={start_steps} is more than the teacher's {self.diffusion.num_train_timesteps} timesteps."
+            )
+        self._teacher = [copy.deepcopy(teacher).eval().requires_grad_(False)]  # a list: not a submodule of ours
+        self.teacher_diffusion = GaussianDiffusion(self.diffusion.schedule, teacher_prediction_type)
+        self.coefficients = DDIMCoefficients(self.diffusion)
+        self.round = 0
+        self._set_round_sampler()
+
+    # -- rounds --------------------------------------------------------------------------------------------
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def student_steps(self, round_index: int | None = None) -> int:
+        return self.start_steps // 2 ** ((self.round if round_index is None else round_index) + 1)
+
+    def round_of_step(self, step: int) -> int:
+        return min(step // self.steps_per_round, self.num_rounds - 1)
+
+    def _set_round_sampler(self) -> None:
+        """The student's own sampler, for its sample grids and for the config its checkpoints store."""
+        sampler = {"sampler": "ddim", "num_steps": self.student_steps(), "eta": 0.0, "timestep_spacing": "trailing"}
+        self.sampler_settings.update(sampler)
+        if self.config is not None:
+            self.config["sampler"] = {**self.config.get("sampler", {}), **sampler}
+            self.config.setdefault("objective", {})["prediction_type"] = "v_prediction"
+            self.config.setdefault(DISTILLATION_KEY, {}).update(round=self.round, student_steps=self.student_steps())
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        round_index = self.round_of_step(self.global_step)
+        while self.round < round_index:
+            self._promote()
+
+    def _promote(self) -> None:
+        """The round ends: the student's EMA weights (its raw ones without EMA) teach the next round."""
+        ema = find_ema(self._trainer)
+        averaged = ema.ema_module(self) if ema is not None else self
+        self.teacher.load_state_dict(averaged.net.state_dict())
+        self.teacher.to(self.device)
+        self.teacher_diffusion = GaussianDiffusion(self.diffusion.schedule, "v_prediction")
+        self.round += 1
+        self._set_round_sampler()
+
+    # -- the loss ------------------------------------------------------------------------------------------
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor | None], batch_idx: int) -> torch.Tensor:
+        x0, labels = batch
+        losses, t = self.distillation_loss(self.net, x0, self._labels_for(labels, drop=True))
+        loss = losses.mean()
+        self._loss_is_finite = loss.detach().isfinite()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("distill/round", float(self.round), on_step=True, on_epoch=False)
+        self.log("distill/student_steps", float(self.student_steps()), on_step=True, on_epoch=False)
+        self._update_bucket_losses(losses.detach(), t)
+        return loss
+
+    def distillation_loss(
+        self, net: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample max(SNR, 1)·‖x̂₀ − x̃‖² at a student step drawn uniformly, and the timesteps it was taken at."""
+        steps = self.student_steps()
+        student = student_grid(self.diffusion.num_train_timesteps, steps).to(x0.device)
+        teacher = student_grid(self.diffusion.num_train_timesteps, 2 * steps).to(x0.device)
+        index = torch.randint(0, steps, (x0.shape[0],), device=x0.device, generator=generator)
+        t, middle, s = student[index], teacher[2 * index + 1], student[index + 1]
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        z_t = self.diffusion.q_sample(x0, t, noise)
+
+        def teacher_fn(x, timesteps):
+            return self.teacher(x, timesteps, labels) if labels is not None else self.teacher(x, timesteps)
+
+        clip = self.sampler_settings.get("clip_sample", True)  # the teacher's DDIM clamps x̂₀ as its sampler does
+        z_s = teacher_two_steps(teacher_fn, self.teacher_diffusion, self.coefficients, z_t, t, middle, s, clip)
+        output = net(z_t, t, labels) if labels is not None else net(z_t, t)
+        with torch.autocast(device_type=x0.device.type, enabled=False):
+            alpha_t, sigma_t = self.coefficients.at(t, z_t)
+            alpha_s, sigma_s = self.coefficients.at(s, z_t)
+            target = two_step_target(z_t.float(), z_s.float(), alpha_t, sigma_t, alpha_s, sigma_s)
+            x0_hat = self.diffusion.predict_x0(z_t.float(), t, output.float())
+            squared_error = (x0_hat - target).square().flatten(1).mean(dim=1)
+            return truncated_snr_weight(alpha_t, sigma_t).flatten() * squared_error, t
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor | None], batch_idx: int) -> None:
+        x0, labels = batch
+        generator = torch.Generator(device=x0.device).manual_seed(
+            self.val_seed + 1_000_003 * self.global_rank + batch_idx
+        )
+        loss = self.distillation_loss(self.net, x0, self._labels_for(labels, drop=False), generator)[0].mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[DISTILLATION_KEY] = {
+            "round": self.round,
+            "teacher_prediction_type": self.teacher_diffusion.prediction_type,
+            "teacher": {key: value.detach().cpu().clone() for key, value in self.teacher.state_dict().items()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get(DISTILLATION_KEY)
+        if state:
+            self.teacher.load_state_dict(state["teacher"])
+            self.teacher_diffusion = GaussianDiffusion(self.diffusion.schedule, state["teacher_prediction_type"])
+            self.round = int(state["round"])
+            self._set_round_sampler()
+
+    def setup(self, stage: str) -> None:
+        self.teacher.to(self.device)

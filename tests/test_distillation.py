@@ -1,0 +1,165 @@
+"""Progressive distillation: the target's algebra, one round against an exact teacher, and the distill job (rounds,
+checkpoints that sample with their own steps, resuming bit for bit)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from diffusion_lab.diffusion import make_schedule
+from diffusion_lab.diffusion.distillation import (
+    DDIMCoefficients,
+    ddim_step,
+    student_grid,
+    teacher_two_steps,
+    two_step_target,
+)
+from diffusion_lab.diffusion.process import GaussianDiffusion
+from diffusion_lab.lit.distillation import ProgressiveDistillation
+from tests.helpers import GaussianDataDenoiser
+
+MEAN, STD = 0.3, 0.5
+
+
+class ExactTeacher(nn.Module):
+    """The Bayes-optimal ε-network of Gaussian data, as a (parameter-free) module."""
+
+    def __init__(self, schedule) -> None:
+        super().__init__()
+        self.denoiser = GaussianDataDenoiser(schedule, "epsilon", MEAN, STD)
+
+    def forward(self, x, t, labels=None):
+        return self.denoiser(x, t)
+
+
+class AffinePerTimestep(nn.Module):
+    """A student that can represent the exact answer for Gaussian data: per timestep, an affine map of x_t."""
+
+    def __init__(self, num_train_timesteps: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(num_train_timesteps))
+        self.shift = nn.Parameter(torch.zeros(num_train_timesteps))
+
+    def forward(self, x, t, labels=None):
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        return self.scale[t].reshape(shape) * x + self.shift[t].reshape(shape)
+
+
+def test_the_target_makes_one_student_step_land_where_the_teachers_two_do():
+    schedule = make_schedule("cosine", 1000)
+    teacher = GaussianDiffusion(schedule, "epsilon")
+    coefficients = DDIMCoefficients(teacher)
+    model = ExactTeacher(schedule)
+    student, doubled = student_grid(1000, 4), student_grid(1000, 8)
+    assert student.tolist() == [999, 749, 499, 249, 1000] and doubled[::2].tolist() == student.tolist()
+    z_t = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    index = torch.arange(4)
+    t, middle, s = student[index], doubled[2 * index + 1], student[index + 1]
+    z_s = teacher_two_steps(model, teacher, coefficients, z_t, t, middle, s, clip_sample=False)
+    target = two_step_target(z_t, z_s, *coefficients.at(t, z_t), *coefficients.at(s, z_t))
+    one_step = ddim_step(z_t, target, *coefficients.at(t, z_t), *coefficients.at(s, z_t))
+    assert torch.allclose(one_step, z_s, atol=1e-10)
+    assert torch.equal(target[-1], z_s[-1])  # the last step lands on the clean sample: x̃ is the teacher's answer
+
+
+def test_one_round_against_an_exact_teacher_learns_its_two_step_map():
+    schedule = make_schedule("cosine", 1000)
+    distiller = ProgressiveDistillation(
+        teacher=ExactTeacher(schedule), teacher_prediction_type="epsilon", start_steps=8, final_steps=4,
+        steps_per_round=1, net=AffinePerTimestep(1000), schedule=schedule, sampler={"clip_sample": False},
+    )  # fmt: skip
+    assert distiller.student_steps() == 4
+    optimizer = torch.optim.Adam(distiller.net.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        x0 = MEAN + STD * torch.randn(512, 1, 2, 2, generator=generator)
+        loss = distiller.distillation_loss(distiller.net, x0, None, generator)[0].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    # The student's single DDIM step against the teacher's two, from every point of its grid, on fresh states.
+    student, doubled = student_grid(1000, 4), student_grid(1000, 8)
+    coefficients, teacher = distiller.coefficients, distiller.teacher_diffusion
+    for i in range(4):
+        t, middle, s = (torch.full((2000,), int(v)) for v in (student[i], doubled[2 * i + 1], student[i + 1]))
+        x0 = MEAN + STD * torch.randn(2000, 1, 1, 1, generator=generator)
+        z_t = distiller.diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=generator))
+        expected = teacher_two_steps(distiller.teacher, teacher, coefficients, z_t, t, middle, s, clip_sample=False)
+        with torch.no_grad():
+            x0 = distiller.diffusion.predict_x0(z_t, t, distiller.net(z_t, t))
+        ours = ddim_step(z_t, x0, *coefficients.at(t, z_t), *coefficients.at(s, z_t))
+        error = float((ours - expected).abs().max() / expected.abs().max())
+        assert error < 0.02, (i, error)
+
+
+def test_the_rounds_must_halve_to_the_final_steps():
+    schedule = make_schedule("cosine", 1000)
+    with pytest.raises(ValueError, match=r"start_steps=12 and final_steps=1: the steps halve every round"):
+        ProgressiveDistillation(
+            teacher=ExactTeacher(schedule), teacher_prediction_type="epsilon", start_steps=12, final_steps=1,
+            steps_per_round=1, net=AffinePerTimestep(1000), schedule=schedule,
+        )  # fmt: skip
+
+
+DISTILL = ["distillation.start_steps=8", "distillation.final_steps=2", "distillation.steps_per_round=4",
+           "print_config=false", "callbacks.progress_bar=null", "callbacks.model_summary=null", "trainer=cpu",
+           "callbacks.sample_grid.num_samples=4", "trainer.limit_val_batches=1", "batch_size=32"]  # fmt: skip
+
+
+def final_state(path):
+    from diffusion_lab.runs.checkpoints import load_checkpoint
+
+    checkpoint = load_checkpoint(path)
+    return {**checkpoint["state_dict"], **{f"raw.{k}": v for k, v in checkpoint["current_model_state"].items()}}
+
+
+def test_the_distill_job_halves_per_round_records_its_sampler_and_resumes_bit_exact(
+    checkpoint, compose_config, tmp_path
+):
+    from diffusion_lab.distill import distill
+    from diffusion_lab.runs.checkpoints import load_checkpoint, load_module
+
+    straight = tmp_path / "straight"
+    distill(compose_config([f"teacher={checkpoint}", *DISTILL], run_dir=straight, config_name="distill"))
+    rounds = {4: 4, 8: 2}  # the checkpoint at the end of each round samples with that round's DDIM steps
+    for step, steps in rounds.items():
+        stored = load_checkpoint(straight / "checkpoints" / f"step_{step:07d}.ckpt")
+        config = stored["diffusion_lab_config"]
+        assert config["sampler"]["sampler"] == "ddim" and config["sampler"]["num_steps"] == steps
+        assert config["objective"]["prediction_type"] == "v_prediction"
+        assert stored["distillation"]["round"] == (0 if step == 4 else 1)
+    module, _ = load_module(straight / "checkpoints" / "last.ckpt")  # a plain DiffusionModule, the student alone
+    assert type(module).__name__ == "DiffusionModule" and module.sampler_settings["num_steps"] == 2
+    assert torch.isfinite(module.generate(seeds=range(2))).all()
+
+    resumed = tmp_path / "resumed"
+    distill(compose_config([f"teacher={checkpoint}", *DISTILL, "trainer.max_steps=6"], run_dir=resumed,
+                           config_name="distill"))  # fmt: skip
+    distill(compose_config([f"teacher={checkpoint}", *DISTILL, "ckpt_path=auto"], run_dir=resumed,
+                           config_name="distill"))  # fmt: skip
+    expected, got = (
+        final_state(straight / "checkpoints" / "last.ckpt"),
+        final_state(resumed / "checkpoints" / "last.ckpt"),
+    )
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
+def test_evaluating_a_distilled_run_counts_each_rounds_own_steps(checkpoint, compose_config, tmp_path):
+    from omegaconf import OmegaConf
+
+    from diffusion_lab.distill import distill
+    from diffusion_lab.evaluation.job import evaluate
+    from diffusion_lab.runs.records import read_records
+
+    run = tmp_path / "run"
+    cfg = compose_config([f"teacher={checkpoint}", *DISTILL], run_dir=run, config_name="distill")
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")  # as Hydra's launcher writes it
+    distill(cfg)
+    evaluate(compose_config([f"runs={run}", "checkpoints=all", "num_samples=16", "eval.features=digits",
+                             "reference_split=train", "metrics=[fid]"], config_name="evaluate"))  # fmt: skip
+    calls = {r["protocol"]["global_step"]: r["protocol"]["nfe_per_sample"] for r in read_records(run)}
+    assert calls == {4: 4, 8: 2}
