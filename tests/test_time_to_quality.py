@@ -50,7 +50,7 @@ def test_every_column_for_both_systems(benchmark_run):
         assert result["images_per_s"] == pytest.approx(result["steps"] * batch / result["train_s"])
         assert np.isfinite(result["metrics"]["fid"]) and result["metrics"]["fid"] > 0
         assert "kid_mean" in result["metrics"]
-    assert ours["nfe"] == 20 and peer["nfe"] == 50  # DPM-Solver++ 20 (the quickstart's sampler); the peer's DDIM-50
+    assert ours["nfe"] == 19 and peer["nfe"] == 50  # Heun's 10 steps (the quickstart's sampler); the peer's DDIM-50
     # Ours stopped at the wall-clock budget, not at its 700 steps; the budget counts training only.
     assert ours["steps"] < 700 and ours["train_s"] <= 3 + 2
     assert peer["train_s"] == pytest.approx(3, abs=1.0)
@@ -58,6 +58,8 @@ def test_every_column_for_both_systems(benchmark_run):
     # The peer's samples went through the evaluation job, which scored them against the digits' held-out split.
     protocol = json.loads((Path(peer["run_dir"]) / "eval" / "metrics.json").read_text())["protocol"]
     assert protocol["dataset"] == "digits" and protocol["num_samples"] == 16
+    # …in the digits classifier's feature space, against the 1617 train digits (the quickstart's measure)
+    assert protocol["feature_extractor"] == "digits-classifier" and protocol["num_reference"] == 1617
     assert np.load(Path(peer["run_dir"]) / "samples.npz")["arr_0"].shape == (16, 8, 8, 1)
     for result in (ours, peer):  # a grid of each system's evaluated samples: 4 × 4 digits of 32 + 2 px
         assert Image.open(Path(result["run_dir"]) / "grid.png").size == (4 * 34 + 2, 4 * 34 + 2)
