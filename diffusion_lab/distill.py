@@ -1,10 +1,12 @@
 """Distil a trained checkpoint into a few-step sampler:
-``python -m diffusion_lab.distill teacher=<run>/checkpoints/last.ckpt [distillation.start_steps=64] [key=value …]``.
+``python -m diffusion_lab.distill teacher=<ckpt> [distillation=progressive|consistency] [key=value …]``.
 
-Progressive distillation (Salimans & Ho 2022) halves the DDIM steps round by round, start_steps → final_steps,
-with the training loop's EMA, checkpoints (one per round), sample grids, DDP/bf16, logging and resuming
-(``ckpt_path=last``). The student's checkpoints record their sampler (DDIM with that round's steps), so ``sample``
-and ``evaluate`` take them like any other checkpoint and draw with it by default.
+Progressive distillation (Salimans & Ho 2022) halves the DDIM steps round by round, start_steps → final_steps;
+consistency distillation (Song et al. 2023; ``distillation.pairs=data``: consistency tuning as in ECT) trains a
+one- or two-call consistency model. Both run in the training loop (EMA, checkpoints, sample grids, DDP/bf16,
+logging, resuming with ``ckpt_path=last``). The student's checkpoints record their sampler (DDIM with the round's
+steps, or the consistency sampler), so ``sample`` and ``evaluate`` take them like any other checkpoint and draw with
+it by default.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def inherit_teacher_config(cfg: DictConfig, teacher_config: dict) -> None:
             cfg.data.root = cfg.data_root
         if cfg.get("batch_size"):
             cfg.data.batch_size = int(cfg.batch_size)
-        cfg.compile = bool(teacher_config.get("compile", False))
+        cfg.compile = teacher_config.get("compile", False)
         cfg.max_nonfinite_steps = int(teacher_config.get("max_nonfinite_steps", 10))
 
 

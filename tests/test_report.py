@@ -234,7 +234,7 @@ def test_bad_report_and_sweep_input_is_one_clear_line(tmp_path, compose_config, 
     before = snapshot(quickstart_sweep)
     for overrides, message in (
         (["grid.num_steps=[5000]"], "num_steps=5000 must be an integer between 1 and num_train_timesteps=1000"),
-        (["grid.sampler=[eulr]"], "grid.sampler: unknown sampler 'eulr'; valid choices: ddim, ddpm, dpm_solver, euler"),
+        (["grid.sampler=[eulr]"], "grid.sampler: unknown sampler 'eulr'; valid choices: consistency, ddim, ddpm"),
         (["checkpoints=first"], "checkpoints=first is not one of last, best, all"),
     ):
         with pytest.raises(ConfigError, match=re.escape(message)):

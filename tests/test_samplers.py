@@ -223,7 +223,7 @@ def test_sampling_keeps_the_requested_dtype():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"sampler": "eulr"}, "Unknown sampler 'eulr'; valid choices: ddpm, ddim, dpm_solver\\+\\+, euler, heun"),
+        ({"sampler": "eulr"}, "Unknown sampler 'eulr'; valid choices: ddpm, ddim, dpm_solver\\+\\+, consistency"),
         ({"num_steps": 0}, "num_steps=0 must be an integer between 1 and num_train_timesteps=1000"),
         ({"num_steps": 1001}, "num_steps=1001 must be an integer between 1 and num_train_timesteps=1000"),
         ({"eta": -0.1}, r"eta=-0.1 must lie in \[0, 1\]"),

@@ -94,13 +94,20 @@ def drop_preset_schedule(cfg: DictConfig, command_line: list[str]) -> None:
 
 
 def checkpoint_sampler(job_cfg: DictConfig, checkpoint_config: dict[str, Any]) -> dict[str, Any] | None:
-    """A distilled checkpoint's own sampler (its round's DDIM steps) when the job chose none (no ``sampler`` on the
-    command line, no ``grid.sampler``): a student is drawn with the sampler it was distilled for unless asked
-    otherwise. None for any other checkpoint, or when the job chose."""
-    chosen = any(item.lstrip("+~").split("=")[0].split(".")[0] == "sampler" for item in command_line_overrides())
-    if checkpoint_config.get("distillation") and not chosen and not (job_cfg.get("grid") or {}).get("sampler"):
-        return sampler_settings(checkpoint_config["sampler"])
-    return None
+    """A distilled checkpoint's own sampler (a progressive round's DDIM steps, a consistency student's sampler)
+    when the job chose no sampler option (no ``sampler=<name>`` on the command line, no ``grid.sampler``): a
+    student is drawn with the sampler it was distilled for unless asked otherwise, and ``sampler.<key>=…`` on the
+    command line changes that key of it (``sampler.num_steps=1``). None for any other checkpoint, or when the job
+    chose an option."""
+    overrides = [item.lstrip("+~").split("=")[0] for item in command_line_overrides()]
+    chosen = "sampler" in overrides or bool((job_cfg.get("grid") or {}).get("sampler"))
+    if not checkpoint_config.get("distillation") or chosen:
+        return None
+    own = sampler_settings(checkpoint_config["sampler"])
+    for key in overrides:
+        if key.startswith("sampler.") and key.count(".") == 1:
+            own[key.split(".")[1]] = sampler_settings(job_cfg.sampler)[key.split(".")[1]]
+    return own
 
 
 def command_line_overrides() -> list[str]:
@@ -183,29 +190,47 @@ def _training_settings(cfg: DictConfig, lr_scheduler, run_config: dict[str, Any]
 
 
 def build_distillation(cfg: DictConfig, teacher_checkpoint: dict[str, Any], run_config: dict[str, Any] | None = None):
-    """A ProgressiveDistillation student (its teacher's network and weights, predicting v) and its frozen teacher
-    (the checkpoint's EMA weights)."""
+    """The student of ``distillation.method`` (progressive or consistency): its teacher's network and weights,
+    predicting v, beside the frozen teacher (the checkpoint's EMA weights)."""
+    from diffusion_lab.lit.consistency import ConsistencyDistillation
     from diffusion_lab.lit.distillation import ProgressiveDistillation
     from diffusion_lab.runs.checkpoints import module_from_checkpoint
 
+    settings = cfg.distillation
+    methods = {"progressive": ProgressiveDistillation, "consistency": ConsistencyDistillation}
+    if settings.method not in methods:
+        raise ConfigError(
+            f"distillation.method={settings.method!r}; choose distillation=progressive or distillation=consistency."
+        )
     kind = objective_kind(cfg.objective)
     if kind != "ddpm" or cfg.objective.get("learned_variance"):
         raise ConfigError(
-            f"teacher={cfg.teacher} was trained with objective={kind if kind != 'ddpm' else 'hybrid'}; progressive "
-            "distillation walks DDIM on a β schedule with the network's prediction alone: give a checkpoint trained "
-            "with objective=epsilon, sample or v_prediction."
+            f"teacher={cfg.teacher} was trained with objective={kind if kind != 'ddpm' else 'hybrid'}; distillation "
+            "walks DDIM on a β schedule with the network's prediction alone: give a checkpoint trained with "
+            "objective=epsilon, sample or v_prediction."
         )
     teacher = module_from_checkpoint(teacher_checkpoint, cfg.teacher, use_ema=True)
     student = instantiate(cfg.model)
     student.load_state_dict(teacher.net.state_dict())
     lr_scheduler = instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None
-    settings = cfg.distillation
-    return ProgressiveDistillation(
+    if settings.method == "progressive":
+        method_args = {
+            "start_steps": int(settings.start_steps),
+            "final_steps": int(settings.final_steps),
+            "steps_per_round": int(settings.steps_per_round),
+        }
+    else:
+        huber_c = settings.get("huber_c")
+        method_args = {
+            "num_intervals": int(settings.num_intervals),
+            "pairs": str(settings.pairs),
+            "num_steps": int(settings.num_steps),
+            "huber_c": None if huber_c is None else float(huber_c),
+        }
+    return methods[settings.method](
         teacher=teacher.net,
         teacher_prediction_type=teacher.diffusion.prediction_type,
-        start_steps=int(settings.start_steps),
-        final_steps=int(settings.final_steps),
-        steps_per_round=int(settings.steps_per_round),
+        **method_args,
         net=student,
         schedule=build_schedule(cfg.schedule),
         sampler=sampler_settings(cfg.sampler),

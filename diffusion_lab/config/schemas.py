@@ -121,8 +121,9 @@ class LossWeightingConfig:
 
 @dataclass
 class SamplerConfig:
-    """Sampling settings; ``sampler`` ∈ {ddpm, ddim, dpm_solver++, euler, heun, euler_ancestral} (EDM and flow
-    matching: all but ddpm, on their own grids; the chain spacings linspace/leading/trailing mean that natural grid),
+    """Sampling settings; ``sampler`` ∈ {ddpm, ddim, dpm_solver++, euler, heun, euler_ancestral, consistency} (EDM
+    and flow matching: all but ddpm and consistency, on their own grids; the chain spacings linspace/leading/trailing
+    mean that natural grid),
     ``num_steps`` null = the sampler's default (every timestep for ddpm); ``rho`` shapes ``karras`` spacing;
     ``s_*`` are EDM's stochastic churn for euler/heun (s_churn = 0: deterministic)."""
 

@@ -142,9 +142,12 @@ def trained_config(path: Path) -> DictConfig | None:
 
 def cells_for(cfg: DictConfig, trained: DictConfig, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The grid's cells, or a distilled checkpoint's own sampler when neither the grid nor the command line chose
-    one (each round's checkpoint then counts its own DDIM steps)."""
+    one (each round's checkpoint then counts its own DDIM steps; ``grid.num_steps`` still spans its steps)."""
     own = checkpoint_sampler(cfg, OmegaConf.to_container(trained, resolve=True))
-    return [own] if own is not None else cells
+    if own is None:
+        return cells
+    grid = plain(cfg.get("grid")) or {}
+    return sampler_grid(own, {"num_steps": grid.get("num_steps"), "timestep_spacing": grid.get("timestep_spacing")})
 
 
 def sampler_choice() -> str | None:

@@ -1,5 +1,7 @@
-"""ProgressiveDistillation: a DiffusionModule (the student) that learns from a frozen teacher to sample in half the
-DDIM steps, round after round (Salimans & Ho 2022; the maths in ``diffusion_lab.diffusion.distillation``).
+"""TeacherStudent, what every distillation student shares (a frozen teacher kept in its checkpoints, the training and
+validation steps around the method's loss), and ProgressiveDistillation: a student that learns from its teacher to
+sample in half the DDIM steps, round after round (Salimans & Ho 2022; the maths in
+``diffusion_lab.diffusion.distillation``).
 
 The run is ``num_rounds × steps_per_round`` optimiser steps. Round r distils a teacher walking 2N steps into a
 student walking N = start_steps / 2^(r+1); at the round's end the student's EMA weights become the next teacher
@@ -33,12 +35,96 @@ from diffusion_lab.lit.module import DiffusionModule
 DISTILLATION_KEY = "distillation"
 
 
-class ProgressiveDistillation(DiffusionModule):
+class TeacherStudent(DiffusionModule):
+    """A DiffusionModule (the student, predicting v) with a frozen teacher network beside it: the teacher is not a
+    submodule (no optimiser, no EMA, not in the student's state dict) but lives in every checkpoint, so a resumed
+    run has the teacher it stopped with."""
+
+    def __init__(self, *, teacher: nn.Module, teacher_prediction_type: str, **module_args: Any) -> None:
+        super().__init__(prediction_type="v_prediction", **module_args)
+        if self.diffusion is None:
+            raise ValueError("distillation walks a β schedule's DDIM chain; this teacher has none.")
+        self._teacher = [copy.deepcopy(teacher).eval().requires_grad_(False)]  # a list: not a submodule of ours
+        self.teacher_diffusion = GaussianDiffusion(self.diffusion.schedule, teacher_prediction_type)
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def teacher_fn(self, labels: torch.Tensor | None):
+        """The teacher's network output at (x, t) for these labels (none: unconditional)."""
+
+        def call(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return self.teacher(x, timesteps, labels) if labels is not None else self.teacher(x, timesteps)
+
+        return call
+
+    def set_student_sampler(self, sampler: dict[str, Any], **record: Any) -> None:
+        """The student's own sampler, for its sample grids and for the config its checkpoints store."""
+        self.sampler_settings.update(sampler)
+        if self.config is not None:
+            self.config["sampler"] = {**self.config.get("sampler", {}), **sampler}
+            self.config.setdefault("objective", {})["prediction_type"] = "v_prediction"
+            self.config.setdefault(DISTILLATION_KEY, {}).update(record)
+
+    def distillation_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps beside the teacher (a subclass adds its round)."""
+        return {}
+
+    def load_distillation_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``distillation_state`` saved."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor | None], batch_idx: int) -> torch.Tensor:
+        x0, labels = batch
+        losses, t = self.distillation_loss(self.net, x0, self._labels_for(labels, drop=True))
+        loss = losses.mean()
+        self._loss_is_finite = loss.detach().isfinite()
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log_progress()
+        self._update_bucket_losses(losses.detach(), t)
+        return loss
+
+    def log_progress(self) -> None:
+        """Logs of the method's own progress beside the loss (a progressive round)."""
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor | None], batch_idx: int) -> None:
+        x0, labels = batch
+        generator = torch.Generator(device=x0.device).manual_seed(
+            self.val_seed + 1_000_003 * self.global_rank + batch_idx
+        )
+        loss = self.distillation_loss(self.net, x0, self._labels_for(labels, drop=False), generator)[0].mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
+
+    def distillation_loss(
+        self, net: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample losses and the timesteps they were taken at."""
+        raise NotImplementedError
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[DISTILLATION_KEY] = {
+            **self.distillation_state(),
+            "teacher_prediction_type": self.teacher_diffusion.prediction_type,
+            "teacher": {key: value.detach().cpu().clone() for key, value in self.teacher.state_dict().items()},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get(DISTILLATION_KEY)
+        if state:
+            self.teacher.load_state_dict(state["teacher"])
+            self.teacher_diffusion = GaussianDiffusion(self.diffusion.schedule, state["teacher_prediction_type"])
+            self.load_distillation_state(state)
+
+    def setup(self, stage: str) -> None:
+        self.teacher.to(self.device)
+
+
+class ProgressiveDistillation(TeacherStudent):
     def __init__(
         self,
         *,
-        teacher: nn.Module,
-        teacher_prediction_type: str,
         start_steps: int,
         final_steps: int,
         steps_per_round: int,
@@ -52,26 +138,18 @@ class ProgressiveDistillation(DiffusionModule):
             )
         if steps_per_round < 1:
             raise ValueError(f"steps_per_round={steps_per_round} must be >= 1.")
-        super().__init__(prediction_type="v_prediction", **module_args)
-        if self.diffusion is None:
-            raise ValueError("progressive distillation walks a β schedule's DDIM chain; this teacher has none.")
+        super().__init__(**module_args)
         self.start_steps, self.final_steps, self.steps_per_round = start_steps, final_steps, steps_per_round
         self.num_rounds = int(rounds)
         if start_steps > self.diffusion.num_train_timesteps:
             raise ValueError(
                 f"start_steps={start_steps} is more than the teacher's {self.diffusion.num_train_timesteps} timesteps."
             )
-        self._teacher = [copy.deepcopy(teacher).eval().requires_grad_(False)]  # a list: not a submodule of ours
-        self.teacher_diffusion = GaussianDiffusion(self.diffusion.schedule, teacher_prediction_type)
         self.coefficients = DDIMCoefficients(self.diffusion)
         self.round = 0
         self._set_round_sampler()
 
     # -- rounds --------------------------------------------------------------------------------------------
-
-    @property
-    def teacher(self) -> nn.Module:
-        return self._teacher[0]
 
     def student_steps(self, round_index: int | None = None) -> int:
         return self.start_steps // 2 ** ((self.round if round_index is None else round_index) + 1)
@@ -80,13 +158,8 @@ class ProgressiveDistillation(DiffusionModule):
         return min(step // self.steps_per_round, self.num_rounds - 1)
 
     def _set_round_sampler(self) -> None:
-        """The student's own sampler, for its sample grids and for the config its checkpoints store."""
         sampler = {"sampler": "ddim", "num_steps": self.student_steps(), "eta": 0.0, "timestep_spacing": "trailing"}
-        self.sampler_settings.update(sampler)
-        if self.config is not None:
-            self.config["sampler"] = {**self.config.get("sampler", {}), **sampler}
-            self.config.setdefault("objective", {})["prediction_type"] = "v_prediction"
-            self.config.setdefault(DISTILLATION_KEY, {}).update(round=self.round, student_steps=self.student_steps())
+        self.set_student_sampler(sampler, method="progressive", round=self.round, student_steps=self.student_steps())
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         round_index = self.round_of_step(self.global_step)
@@ -105,16 +178,9 @@ class ProgressiveDistillation(DiffusionModule):
 
     # -- the loss ------------------------------------------------------------------------------------------
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor | None], batch_idx: int) -> torch.Tensor:
-        x0, labels = batch
-        losses, t = self.distillation_loss(self.net, x0, self._labels_for(labels, drop=True))
-        loss = losses.mean()
-        self._loss_is_finite = loss.detach().isfinite()
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+    def log_progress(self) -> None:
         self.log("distill/round", float(self.round), on_step=True, on_epoch=False)
         self.log("distill/student_steps", float(self.student_steps()), on_step=True, on_epoch=False)
-        self._update_bucket_losses(losses.detach(), t)
-        return loss
 
     def distillation_loss(
         self, net: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator | None = None
@@ -127,11 +193,8 @@ class ProgressiveDistillation(DiffusionModule):
         t, middle, s = student[index], teacher[2 * index + 1], student[index + 1]
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
         z_t = self.diffusion.q_sample(x0, t, noise)
-
-        def teacher_fn(x, timesteps):
-            return self.teacher(x, timesteps, labels) if labels is not None else self.teacher(x, timesteps)
-
         clip = self.sampler_settings.get("clip_sample", True)  # the teacher's DDIM clamps x̂₀ as its sampler does
+        teacher_fn = self.teacher_fn(labels)
         z_s = teacher_two_steps(teacher_fn, self.teacher_diffusion, self.coefficients, z_t, t, middle, s, clip)
         output = net(z_t, t, labels) if labels is not None else net(z_t, t)
         with torch.autocast(device_type=x0.device.type, enabled=False):
@@ -142,32 +205,11 @@ class ProgressiveDistillation(DiffusionModule):
             squared_error = (x0_hat - target).square().flatten(1).mean(dim=1)
             return truncated_snr_weight(alpha_t, sigma_t).flatten() * squared_error, t
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor | None], batch_idx: int) -> None:
-        x0, labels = batch
-        generator = torch.Generator(device=x0.device).manual_seed(
-            self.val_seed + 1_000_003 * self.global_rank + batch_idx
-        )
-        loss = self.distillation_loss(self.net, x0, self._labels_for(labels, drop=False), generator)[0].mean()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
-
     # -- checkpoints ---------------------------------------------------------------------------------------
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint[DISTILLATION_KEY] = {
-            "round": self.round,
-            "teacher_prediction_type": self.teacher_diffusion.prediction_type,
-            "teacher": {key: value.detach().cpu().clone() for key, value in self.teacher.state_dict().items()},
-        }
+    def distillation_state(self) -> dict[str, Any]:
+        return {"round": self.round}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        state = checkpoint.get(DISTILLATION_KEY)
-        if state:
-            self.teacher.load_state_dict(state["teacher"])
-            self.teacher_diffusion = GaussianDiffusion(self.diffusion.schedule, state["teacher_prediction_type"])
-            self.round = int(state["round"])
-            self._set_round_sampler()
-
-    def setup(self, stage: str) -> None:
-        self.teacher.to(self.device)
+    def load_distillation_state(self, state: dict[str, Any]) -> None:
+        self.round = int(state["round"])
+        self._set_round_sampler()

@@ -1,8 +1,9 @@
 """``sample``: one entry point for every sampler, from the settings a config holds to the clean samples.
 
-On a DDPM model (a β schedule), DDPM, DDIM and DPM-Solver++(2M) walk a respaced chain of the training timesteps;
-Euler, Heun and Euler-ancestral walk a grid of noise levels σ. On a continuous objective (EDM, flow matching) the
-samplers of ``continuous.py`` walk its own path. All end on the clean sample.
+On a DDPM model (a β schedule), DDPM, DDIM, DPM-Solver++(2M) and a consistency model's multistep sampler walk a
+respaced chain of the training timesteps; Euler, Heun and Euler-ancestral walk a grid of noise levels σ. On a
+continuous objective (EDM, flow matching) the samplers of ``continuous.py`` walk its own path. All end on the clean
+sample.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from collections.abc import Sequence
 
 import torch
 
+from diffusion_lab.diffusion.consistency import ConsistencyParameterisation
+from diffusion_lab.diffusion.consistency import sampling_grid as consistency_sampling_grid
 from diffusion_lab.diffusion.continuous import ContinuousObjective
 from diffusion_lab.diffusion.process import check_prediction_type
 from diffusion_lab.diffusion.samplers.chain import Generator, ModelFn, SamplingChain, TrajectoryStep, randn
+from diffusion_lab.diffusion.samplers.consistency import consistency_loop
 from diffusion_lab.diffusion.samplers.continuous import check_continuous_settings, sample_continuous
 from diffusion_lab.diffusion.samplers.ddim import ddim_loop
 from diffusion_lab.diffusion.samplers.ddpm import ddpm_loop
@@ -41,6 +45,8 @@ def sampler_timesteps(
             raise TypeError(f"timestep_spacing={spacing!r} needs the NoiseSchedule, not only its length.")
         return sigma_timesteps(schedule, num_steps, spacing, rho, sigma_max)
     T = schedule if isinstance(schedule, int) else schedule.num_train_timesteps
+    if sampler == "consistency":
+        return consistency_sampling_grid(T, num_steps)
     return sampling_timesteps(T, num_steps, spacing, drop_final_point=(sampler == "dpm_solver++"))
 
 
@@ -139,7 +145,8 @@ def sample(
     ``variance_type`` (DDPM's σ²: fixed_small = β̃ when null, fixed_large, or learned_range — then
     ``model_fn`` returns the prediction and v stacked along channels) applies to ``ddpm`` only.
     ``num_steps`` defaults to every timestep for ``ddpm``, 50 for ``ddim``, 20 for ``dpm_solver++``, ``euler``
-    and ``euler_ancestral`` and 10 for ``heun``; ``rho`` shapes the ``karras`` spacing and ``sigma_max``
+    and ``euler_ancestral``, 10 for ``heun`` and 1 for ``consistency`` (a consistency model's f, re-noised
+    between steps on an even grid from T − 1); ``rho`` shapes the ``karras`` spacing and ``sigma_max``
     (null: the trained σ(T−1)) caps where σ spacings start; ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``
     are EDM's churn for euler/heun. ``generator`` may be one generator or one per
     sample (then sample i depends only on generator i). With ``return_trajectory`` also returns, per network
@@ -184,6 +191,11 @@ def sample(
                 )
             elif sampler == "ddim":
                 x = ddim_loop(model_fn, chain, x, eta=eta, clip_sample=clip_sample, generator=generator)
+            elif sampler == "consistency":
+                parameterisation = ConsistencyParameterisation(schedule.alphas_cumprod)
+                x = consistency_loop(
+                    model_fn, chain, x, parameterisation=parameterisation, clip_sample=clip_sample, generator=generator
+                )
             else:
                 x = dpm_solver_2m_loop(model_fn, chain, x, clip_sample=clip_sample)
     if return_trajectory:

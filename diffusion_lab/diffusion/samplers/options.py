@@ -10,11 +10,14 @@ from diffusion_lab.diffusion.samplers.euler import Churn
 from diffusion_lab.diffusion.samplers.sigmas import SIGMA_SPACINGS
 from diffusion_lab.diffusion.samplers.timesteps import GRID_SPACINGS
 
-CHAIN_SAMPLERS = ("ddpm", "ddim", "dpm_solver++")
+CHAIN_SAMPLERS = ("ddpm", "ddim", "dpm_solver++", "consistency")
 SIGMA_SAMPLERS = ("euler", "heun", "euler_ancestral")
 SAMPLERS = CHAIN_SAMPLERS + SIGMA_SAMPLERS
 # None: every training timestep. Heun's 10 steps are 19 network calls.
-DEFAULT_NUM_STEPS = {"ddpm": None, "ddim": 50, "dpm_solver++": 20, "euler": 20, "heun": 10, "euler_ancestral": 20}
+# A consistency model (a consistency-distilled student) samples in 1 call, or a few with re-noising between.
+DEFAULT_NUM_STEPS = {
+    "ddpm": None, "ddim": 50, "dpm_solver++": 20, "euler": 20, "heun": 10, "euler_ancestral": 20, "consistency": 1,
+}  # fmt: skip
 TIMESTEP_SPACINGS = GRID_SPACINGS + SIGMA_SPACINGS
 
 
