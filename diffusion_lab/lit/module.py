@@ -26,7 +26,9 @@ from diffusion_lab.diffusion.likelihood import vlb_term
 from diffusion_lab.diffusion.process import split_learned_variance
 from diffusion_lab.diffusion.samplers import TrajectoryStep, resolve_variance_type, sample
 from diffusion_lab.lit.nonfinite import NonFiniteGuard, all_finite
+from diffusion_lab.lit.optimizers import fused_optimizer_option
 from diffusion_lab.lit.rng import capture_rng_state, restore_rng_state
+from diffusion_lab.models.compilation import compile_network
 from diffusion_lab.runs.layout import CONFIG_KEY
 
 SAMPLER_DEFAULTS: dict[str, Any] = {
@@ -60,7 +62,8 @@ class DiffusionModule(L.LightningModule):
             same network the unconditional model that classifier-free guidance needs.
         loss_buckets: how many equal ranges of t the per-timestep loss is logged in (``train/loss_t{k}``).
         val_seed: seeds t and ε of validation batch i, so validation losses are comparable across epochs.
-        compile: ``torch.compile`` the network.
+        compile: ``torch.compile`` the network: true or "regional" its residual and attention blocks (each shape
+            compiled once, seconds instead of minutes), "full" the whole graph; false: eager.
         max_nonfinite_steps: NaN/Inf losses or gradients in a row that are skipped before training stops.
         config: the resolved run configuration, stored in every checkpoint so sampling and evaluation can
             rebuild the module from the checkpoint alone.
@@ -81,7 +84,7 @@ class DiffusionModule(L.LightningModule):
         label_dropout: float = 0.1,
         loss_buckets: int = 10,
         val_seed: int = 1234,
-        compile: bool = False,
+        compile: bool | str = False,
         max_nonfinite_steps: int = 10,
         config: dict[str, Any] | None = None,
     ) -> None:
@@ -121,8 +124,7 @@ class DiffusionModule(L.LightningModule):
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.last_step_skipped = False
         self._loss_is_finite: torch.Tensor | None = None
-        if compile:
-            self.net.compile()
+        compile_network(self.net, compile)
         if hasattr(net, "in_channels") and hasattr(net, "image_size"):
             # One image through the network: Lightning's model summary then reports real FLOPs per image.
             size = (1, net.in_channels, net.image_size, net.image_size)
@@ -302,7 +304,8 @@ class DiffusionModule(L.LightningModule):
     # -- optimisation ---------------------------------------------------------------------------------
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.net.parameters())
+        fused = fused_optimizer_option(self.optimizer_factory, self.net)
+        optimizer = self.optimizer_factory(params=self.net.parameters(), **fused)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
