@@ -204,8 +204,9 @@ def fid_against_nfe(groups: list[Group], path: Path, features: str = INCEPTION) 
         panels = [("samplers", {i: points[name][0] for i, name in enumerate(samplers)}, samplers)]
     else:
         panels = [(name, points[name], None) for name in samplers]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + (2 if len(groups) == 1 else 0), 4.2),
-                             squeeze=False, sharey=True)  # fmt: skip
+    # Each panel its own y range: samplers differ by orders of magnitude at few calls.
+    width = 5.5 * len(panels) + (2 if len(groups) == 1 else 0)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.2), squeeze=False)
     for ax, (title, lines, line_names) in zip(axes[0], panels, strict=True):
         colours = _colours(max(lines) + 1)
         for key, by_nfe in sorted(lines.items()):
