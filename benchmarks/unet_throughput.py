@@ -8,6 +8,13 @@ that drifts of the machine hit all of them alike; the median round is reported.
     python benchmarks/unet_throughput.py                       # CPU: 32×32×1, batch 64, ~6.5 M parameters
     python benchmarks/unet_throughput.py --layout cifar10 --device cuda --precision bf16 --batch-size 128
     python benchmarks/unet_throughput.py --profile             # also: where each model's step time goes
+    python benchmarks/unet_throughput.py --compile none regional full graphs   # eager vs compiled, compile times
+
+``--compile`` takes one or more modes, each model is run in each: ``none`` (eager), ``regional`` (the repeated
+residual and attention blocks compiled in place — ours through ``compile=true``'s own code, the peers' blocks of
+the same kind by class name), ``full`` (the whole network as one graph) and ``graphs`` (the whole network with
+``mode="reduce-overhead"``: CUDA graphs on a GPU; on a CPU it is ``full``). The compile time is the first step's
+wall time less a steady step's.
 
 Peers: huggingface diffusers' ``UNet2DModel`` and lucidrains' ``denoising_diffusion_pytorch.Unet``.
 """
@@ -32,6 +39,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion_lab.models import UNet, count_parameters
+from diffusion_lab.models.compilation import compile_network
 from diffusion_lab.models.kernels.winograd import stock_kernels
 
 # Dense bf16 / tf32 tensor-core peaks (TFLOP/s) for model-FLOPs utilisation.
@@ -77,11 +85,41 @@ LAYOUTS = {
 }
 
 
+COMPILE_MODES = ("none", "regional", "full", "graphs")
+# The peers' repeated blocks, by class name (diffusers: ResnetBlock2D, Attention; lucidrains: ResnetBlock,
+# Attention, LinearAttention): what "regional" compiles in them, as compile=true does in ours.
+PEER_BLOCKS = {"ResnetBlock2D", "Attention", "ResnetBlock", "LinearAttention"}
+
+
 @dataclass
 class Contender:
     name: str
     model: nn.Module
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    compile_mode: str = "none"
+
+
+def contender_name(model: str, mode: str, modes: list[str]) -> str:
+    """The model's name, with its compile mode when several are compared (``ours+regional``)."""
+    return model if len(modes) == 1 else f"{model}+{mode}"
+
+
+def compile_in_place(contender: Contender) -> None:
+    """Apply the contender's compile mode to its model (in place, so its forward calls the compiled modules)."""
+    mode, model = contender.compile_mode, contender.model
+    if mode == "none":
+        return
+    options = {"mode": "reduce-overhead"} if mode == "graphs" else {}
+    if contender.name.startswith("ours"):
+        compile_network(model, "regional" if mode == "regional" else "full", **options)
+    elif mode == "regional":
+        blocks = [m for m in model.modules() if type(m).__name__ in PEER_BLOCKS]
+        if not blocks:
+            raise RuntimeError(f"{contender.name}: none of its modules is one of {sorted(PEER_BLOCKS)}")
+        for block in blocks:
+            block.compile()
+    else:
+        model.compile(**options)
 
 
 def winograd_active(device: str) -> bool:
@@ -91,7 +129,7 @@ def winograd_active(device: str) -> bool:
     return device == "cpu" and winograd.CPU_WINOGRAD
 
 
-def build(name: str, layout: dict, args: argparse.Namespace) -> Contender:
+def build(name: str, layout: dict, args: argparse.Namespace, compile_mode: str = "none") -> Contender:
     size, channels = layout["image_size"], layout["channels"]
     if name in ("ours", "ours-stock"):
         # "ours-stock": the same network without the CPU Winograd weight gradient, to show what it gives.
@@ -102,16 +140,16 @@ def build(name: str, layout: dict, args: argparse.Namespace) -> Contender:
             winograd=name == "ours",
             **layout["ours"],
         )
-        return _finish(Contender(name, model, lambda x, t: model(x, t)), args)
+        return _finish(Contender(name, model, lambda x, t: model(x, t), compile_mode), args)
     if name == "diffusers":
         from diffusers import UNet2DModel
 
         model = UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, **layout["diffusers"])
-        return _finish(Contender(name, model, lambda x, t: model(x, t).sample), args)
+        return _finish(Contender(name, model, lambda x, t: model(x, t).sample, compile_mode), args)
     from denoising_diffusion_pytorch import Unet
 
     model = Unet(channels=channels, **layout["lucidrains"])
-    return _finish(Contender(name, model, lambda x, t: model(x, t)), args)
+    return _finish(Contender(name, model, lambda x, t: model(x, t), compile_mode), args)
 
 
 def parameter_mismatches(contenders: list[Contender]) -> list[str]:
@@ -122,9 +160,7 @@ def parameter_mismatches(contenders: list[Contender]) -> list[str]:
 
 def _finish(contender: Contender, args: argparse.Namespace) -> Contender:
     contender.model.to(args.device)
-    if args.compile:
-        compiled = torch.compile(contender.forward)
-        contender.forward = compiled
+    compile_in_place(contender)
     return contender
 
 
@@ -268,7 +304,7 @@ def measure_peak_memory(name: str, args: argparse.Namespace) -> float:
     process's peak resident size over its size once the model and data exist (a subprocess per model)."""
     if torch.device(args.device).type == "cuda":
         layout = LAYOUTS[args.layout]
-        contender = build(name, layout, args)
+        contender = build_named(name, layout, args)
         step = make_step(contender, args, layout)
         step()
         torch.cuda.synchronize()
@@ -284,9 +320,17 @@ def measure_peak_memory(name: str, args: argparse.Namespace) -> float:
     return float(output.strip().splitlines()[-1])
 
 
+def build_named(name: str, layout: dict, args: argparse.Namespace) -> Contender:
+    """The contender a (possibly ``model+mode``) name stands for."""
+    model, _, mode = name.partition("+")
+    contender = build(model, layout, args, mode or args.compile[0])
+    contender.name = name
+    return contender
+
+
 def memory_probe(name: str, args: argparse.Namespace) -> None:
     layout = LAYOUTS[args.layout]
-    contender = build(name, layout, args)
+    contender = build_named(name, layout, args)
     step = make_step(contender, args, layout)
     baseline = _resident_mib("VmRSS")
     # Linux carries a forked parent's peak into getrusage's ru_maxrss, so read this process's own
@@ -313,7 +357,13 @@ def main() -> None:
     parser.add_argument("--steps-per-round", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--compile", action="store_true", help="torch.compile every model's forward")
+    parser.add_argument(
+        "--compile",
+        nargs="+",
+        choices=COMPILE_MODES,
+        default=["none"],
+        help="compile modes, each model run in each: none (eager), regional, full, graphs (reduce-overhead)",
+    )
     parser.add_argument(
         "--channels-last",
         choices=["auto", "true", "false"],
@@ -342,13 +392,17 @@ def main() -> None:
         # Off this path ours-stock would run exactly ours' code and "compare" it with itself.
         print("ours-stock left out: the Winograd weight gradient is off on this device/CPU, so it would be ours")
         args.models = [name for name in args.models if name != "ours-stock"]
-    contenders = [build(name, layout, args) for name in args.models]
+    contenders = [
+        build_named(contender_name(name, mode, args.compile), layout, args)
+        for mode in args.compile
+        for name in args.models
+    ]
     ours_params = count_parameters(contenders[0].model)
     print(
         f"device={args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else os.cpu_count()} "
         f"{'GPU' if args.device.startswith('cuda') else 'CPU threads'}), torch {torch.__version__}, "
         f"layout={args.layout} {layout['image_size']}×{layout['image_size']}×{layout['channels']}, "
-        f"batch={args.batch_size}, precision={args.precision}, compile={args.compile}"
+        f"batch={args.batch_size}, precision={args.precision}, compile={' '.join(args.compile)}"
     )
     for contender in contenders:
         params = count_parameters(contender.model)
@@ -362,8 +416,10 @@ def main() -> None:
 
     flops = {c.name: training_flops(c, args, layout) for c in contenders}
     steps = {c.name: make_step(c, args, layout) for c in contenders}
-    for step in steps.values():
-        for _ in range(args.warmup):
+    first_step_s = {}
+    for name, step in steps.items():
+        first_step_s[name] = seconds_per_step(step, args.device, 1)  # compiles, where the mode compiles
+        for _ in range(args.warmup - 1):
             step()
         synchronize(args.device)
     seconds: dict[str, list[float]] = {name: [] for name in steps}
@@ -373,7 +429,8 @@ def main() -> None:
 
     memory = {} if args.no_memory else {name: measure_peak_memory(name, args) for name in steps}
     results = {}
-    ours_rate = args.batch_size / statistics.median(seconds[args.models[0]])
+    reference = contenders[0].name
+    ours_rate = args.batch_size / statistics.median(seconds[reference])
     peak, peak_source = None, ""
     if args.device.startswith("cuda"):
         gpu = torch.cuda.get_device_name()
@@ -385,7 +442,7 @@ def main() -> None:
         peak_source = f"a {args.precision} {size}² matmul measured here, {peak * 1e3:.3g} GFLOP/s"
     print(
         f"\n{'model':<11} {'images/s':>9} {'spread':>8} {'ms/step':>8} {'GFLOP/step':>11} {'TFLOP/s':>8}"
-        f" {'MFU':>7} {'peak MiB':>9} {'ours/this':>10}"
+        f" {'MFU':>7} {'peak MiB':>9} {'compile s':>10} {'ref/this':>9}"
     )
     for name in steps:
         step_time = statistics.median(seconds[name])
@@ -394,6 +451,7 @@ def main() -> None:
         achieved = flops[name] / step_time / 1e12
         mfu = f"{achieved / peak:7.1%}"
         mem = f"{memory[name]:9.0f}" if name in memory else "        -"
+        compile_s = max(first_step_s[name] - step_time, 0.0)
         results[name] = {
             "images_per_s": rate,
             "ms_per_step": step_time * 1e3,
@@ -402,16 +460,21 @@ def main() -> None:
             "mfu": achieved / peak,
             "peak_mib": memory.get(name),
             "ours_over_this": ours_rate / rate,
+            "first_step_s": first_step_s[name],
+            "compile_s": compile_s,
         }
         print(
             f"{name:<11} {rate:9.1f} {spread:8.1%} {step_time * 1e3:8.1f} {flops[name] / 1e9:11.1f} {achieved:8.3f}"
-            f" {mfu} {mem} {ours_rate / rate:10.2f}x"
+            f" {mfu} {mem} {compile_s:10.1f} {ours_rate / rate:8.2f}x"
         )
-    print(f"MFU is against {peak_source}.")
+    print(f"MFU is against {peak_source}; ref/this: {reference}'s images/s over this row's.")
     peers = [n for n in steps if not n.startswith("ours")]
     if peers:
         fastest = max(peers, key=lambda n: results[n]["images_per_s"])
-        print(f"\nours vs the fastest peer ({fastest}): {ours_rate / results[fastest]['images_per_s']:.2f}x")
+        ours_modes = [n for n in steps if n.partition("+")[0] == args.models[0]]  # the reference model, each mode
+        ours_best = max(ours_modes, key=lambda n: results[n]["images_per_s"])
+        ratio = results[ours_best]["images_per_s"] / results[fastest]["images_per_s"]
+        print(f"\n{ours_best} vs the fastest peer ({fastest}): {ratio:.2f}x")
     breakdowns = {name: time_breakdown(step, args.device) for name, step in steps.items()} if args.profile else {}
     if breakdowns:
         print_breakdown(breakdowns)

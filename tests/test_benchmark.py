@@ -74,7 +74,7 @@ def test_profile_says_where_the_time_goes(report):
     assert share["ours"] < share["stock"] + 0.05
 
 
-CPU_ARGS = argparse.Namespace(device="cpu", channels_last="auto", compile=False)
+CPU_ARGS = argparse.Namespace(device="cpu", channels_last="auto", compile=["none"])
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torch import nn
 
 from diffusion_lab.config.schemas import register_resolvers
 from diffusion_lab.models import UNet, count_parameters
@@ -240,6 +241,22 @@ def test_regional_compile_matches_eager_shares_graphs_across_blocks_and_keeps_st
     assert list(compiled.state_dict()) == list(eager.state_dict())
     with pytest.raises(ValueError, match=r"compile='fast': use false, true / regional"):
         compile_network(small_unet(), "fast")
+
+
+def test_graphs_mode_compiles_the_whole_network_and_samplers_get_outputs_that_outlive_a_replay():
+    """compile=graphs: one compiled region (the whole network, CUDA graphs on a GPU); the sampling call copies each
+    output, since the next replay of a CUDA graph overwrites its output buffers — and only in that mode."""
+    from diffusion_lab.models.compilation import compile_network, graph_safe
+
+    net = small_unet()
+    assert compile_network(net, "graphs") == 1 and net._compiled_call_impl is not None
+    assert list(net.state_dict()) == list(small_unet().state_dict())
+    passthrough = nn.Identity()
+    x = torch.randn(2, 3)
+    copied = graph_safe(passthrough, "graphs")(x)
+    assert copied is not x and copied.data_ptr() != x.data_ptr() and torch.equal(copied, x)
+    for how in (False, True, "regional", "full"):
+        assert graph_safe(passthrough, how) is passthrough
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from diffusion_lab.diffusion.samplers import TrajectoryStep, resolve_variance_ty
 from diffusion_lab.lit.nonfinite import NonFiniteGuard, all_finite
 from diffusion_lab.lit.optimizers import fused_optimizer_option
 from diffusion_lab.lit.rng import capture_rng_state, restore_rng_state
-from diffusion_lab.models.compilation import compile_network
+from diffusion_lab.models.compilation import compile_network, graph_safe
 from diffusion_lab.runs.layout import CONFIG_KEY
 
 SAMPLER_DEFAULTS: dict[str, Any] = {
@@ -63,7 +63,8 @@ class DiffusionModule(L.LightningModule):
         loss_buckets: how many equal ranges of t the per-timestep loss is logged in (``train/loss_t{k}``).
         val_seed: seeds t and ε of validation batch i, so validation losses are comparable across epochs.
         compile: ``torch.compile`` the network: true or "regional" its residual and attention blocks (each shape
-            compiled once, seconds instead of minutes), "full" the whole graph; false: eager.
+            compiled once, seconds instead of minutes), "full" the whole graph, "graphs" the whole graph replayed
+            as CUDA graphs (launch-bound steps); false: eager.
         max_nonfinite_steps: NaN/Inf losses or gradients in a row that are skipped before training stops.
         config: the resolved run configuration, stored in every checkpoint so sampling and evaluation can
             rebuild the module from the checkpoint alone.
@@ -124,6 +125,7 @@ class DiffusionModule(L.LightningModule):
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.last_step_skipped = False
         self._loss_is_finite: torch.Tensor | None = None
+        self.compile_mode = compile
         compile_network(self.net, compile)
         if hasattr(net, "in_channels") and hasattr(net, "image_size"):
             # One image through the network: Lightning's model summary then reports real FLOPs per image.
@@ -370,6 +372,7 @@ class DiffusionModule(L.LightningModule):
         return resolve_variance_type(settings, self.learned_variance)
 
     def _model_fn(self, net: nn.Module, labels: torch.Tensor | None, guidance_scale: float):
+        network, net = net, graph_safe(net, self.compile_mode)
         if self.num_classes is None:
             if labels is not None or guidance_scale:
                 raise ValueError(
@@ -387,7 +390,7 @@ class DiffusionModule(L.LightningModule):
         def unconditional(x, t):
             return net(x, t, torch.full((x.shape[0],), self.null_label, device=x.device))
 
-        guided_channels = net.in_channels if self.learned_variance else None
+        guided_channels = network.in_channels if self.learned_variance else None
         return classifier_free_guidance(conditional, unconditional, guidance_scale, guided_channels)
 
     # -- checkpoints ----------------------------------------------------------------------------------

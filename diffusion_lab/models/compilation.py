@@ -5,17 +5,24 @@ DDPM CIFAR-10 network did not finish within 150 s on an H200). Its repeated bloc
 blocks — are compiled instead, each in place (``nn.Module.compile``, so state-dict keys stay free of
 ``_orig_mod``): blocks of one class with the same shapes share one compiled graph (torch ≥ 2.5 treats their
 parameters as graph inputs), so a level's blocks compile once, and the compiler fuses each GroupNorm with its SiLU.
+
+``graphs`` compiles the whole network with ``mode="reduce-overhead"``: on a GPU its forward and backward are
+replayed as CUDA graphs, one launch instead of hundreds, for steps bound by kernel launches (small batches, the
+sampling loops); on a CPU it is ``full``. A replay reuses its output buffers, so whoever keeps an output past the
+next call must copy it (``graph_safe``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from diffusion_lab.models.blocks import AttentionBlock, ResBlock
 
-COMPILE_CHOICES = (False, True, "regional", "full")
+COMPILE_CHOICES = (False, True, "regional", "full", "graphs")
 REPEATED_BLOCKS = (ResBlock, AttentionBlock)
 
 
@@ -26,10 +33,13 @@ def compile_network(net: nn.Module, how: bool | str, **options: Any) -> int:
     if how not in COMPILE_CHOICES:
         raise ValueError(
             f"compile={how!r}: use false, true / regional (the U-Net's residual and attention blocks, each compiled "
-            "once per shape) or full (the whole network as one graph)."
+            "once per shape), full (the whole network as one graph) or graphs (full, replayed as CUDA graphs)."
         )
     if how is False:
         return 0
+    if how == "graphs":
+        net.compile(**{"mode": "reduce-overhead", **options})
+        return 1
     if how == "full":
         net.compile(**options)
         return 1
@@ -40,3 +50,16 @@ def compile_network(net: nn.Module, how: bool | str, **options: Any) -> int:
     for block in blocks:
         block.compile(**options)
     return len(blocks)
+
+
+def graph_safe(network: Callable[..., torch.Tensor], how: bool | str) -> Callable[..., torch.Tensor]:
+    """``network`` whose outputs outlive the next call: under ``graphs`` each call starts a new CUDA-graph
+    iteration whose replay overwrites the previous output (a sampler keeps x̂₀ across steps, guidance calls the
+    network twice), so the output is copied; otherwise ``network`` itself."""
+    if how != "graphs":
+        return network
+
+    def call(*args: Any) -> torch.Tensor:
+        return network(*args).clone()
+
+    return call
