@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffusion_lab.diffusion.continuous import NOISE_INPUT_SCALE, ContinuousObjective
+from diffusion_lab.diffusion.edm import EDM
 from diffusion_lab.diffusion.schedules import NoiseSchedule
 
 
@@ -147,3 +149,33 @@ def user_error(job, cfg, capsys) -> str:
         report_user_errors(job, cfg)
     assert exit_info.value.code == 1
     return capsys.readouterr().err
+
+
+class IdealModel:
+    """The network output that makes the objective's denoiser the exact posterior mean E[x₀ | x_τ] for Gaussian
+    data: E[x₀ | x] = μ + α s_d² (x − α μ)/(α² s_d² + s²) on the path x = α x₀ + s ε."""
+
+    def __init__(self, objective: ContinuousObjective, mean: float = 0.3, std: float = 0.5) -> None:
+        self.objective, self.mean, self.std = objective, mean, std
+        self.calls = 0
+
+    def tau_of(self, noise_input: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.objective, EDM):
+            return torch.exp(4.0 * noise_input.double() / NOISE_INPUT_SCALE)
+        return noise_input.double() / NOISE_INPUT_SCALE
+
+    def posterior_mean(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        alpha = self.objective.alpha(tau).reshape(-1, 1, 1, 1)
+        std = self.objective.noise_std(tau).reshape(-1, 1, 1, 1)
+        x = x.double()
+        return self.mean + alpha * self.std**2 * (x - alpha * self.mean) / (alpha**2 * self.std**2 + std**2)
+
+    def __call__(self, x_in: torch.Tensor, noise_input: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        tau = self.tau_of(noise_input)
+        if isinstance(self.objective, EDM):
+            x = x_in.double() / self.objective.c_in(tau).reshape(-1, 1, 1, 1)
+            skip, out = self.objective.c_skip(tau).reshape(-1, 1, 1, 1), self.objective.c_out(tau).reshape(-1, 1, 1, 1)
+            return ((self.posterior_mean(x, tau) - skip * x) / out).float()
+        t = tau.reshape(-1, 1, 1, 1)
+        return ((x_in.double() - self.posterior_mean(x_in, tau)) / t).float()  # v = (x_t − x̂₀)/t

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from diffusion_lab.diffusion.continuous import NOISE_INPUT_SCALE, ContinuousObjective
 from diffusion_lab.diffusion.edm import EDM
 from diffusion_lab.diffusion.flow_matching import (
     FlowMatching,
@@ -18,38 +17,9 @@ from diffusion_lab.diffusion.flow_matching import (
     x0_from_velocity,
 )
 from diffusion_lab.diffusion.samplers import network_calls, sample
+from tests.helpers import IdealModel
 
 MEAN, STD = 0.3, 0.5  # the Gaussian data: x₀ ~ N(MEAN, STD²) per pixel
-
-
-class IdealModel:
-    """The network output that makes the objective's denoiser the exact posterior mean E[x₀ | x_τ] for Gaussian
-    data: E[x₀ | x] = μ + α s_d² (x − α μ)/(α² s_d² + s²) on the path x = α x₀ + s ε."""
-
-    def __init__(self, objective: ContinuousObjective, mean: float = MEAN, std: float = STD) -> None:
-        self.objective, self.mean, self.std = objective, mean, std
-        self.calls = 0
-
-    def tau_of(self, noise_input: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.objective, EDM):
-            return torch.exp(4.0 * noise_input.double() / NOISE_INPUT_SCALE)
-        return noise_input.double() / NOISE_INPUT_SCALE
-
-    def posterior_mean(self, x: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        alpha = self.objective.alpha(tau).reshape(-1, 1, 1, 1)
-        std = self.objective.noise_std(tau).reshape(-1, 1, 1, 1)
-        x = x.double()
-        return self.mean + alpha * self.std**2 * (x - alpha * self.mean) / (alpha**2 * self.std**2 + std**2)
-
-    def __call__(self, x_in: torch.Tensor, noise_input: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        tau = self.tau_of(noise_input)
-        if isinstance(self.objective, EDM):
-            x = x_in.double() / self.objective.c_in(tau).reshape(-1, 1, 1, 1)
-            skip, out = self.objective.c_skip(tau).reshape(-1, 1, 1, 1), self.objective.c_out(tau).reshape(-1, 1, 1, 1)
-            return ((self.posterior_mean(x, tau) - skip * x) / out).float()
-        t = tau.reshape(-1, 1, 1, 1)
-        return ((x_in.double() - self.posterior_mean(x_in, tau)) / t).float()  # v = (x_t − x̂₀)/t
 
 
 def test_edm_coefficients_are_table_1s():

@@ -3,21 +3,27 @@ checkpoints that sample with their own steps, resuming bit for bit)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from diffusion_lab.diffusion import make_schedule
+from diffusion_lab.diffusion.continuous import NOISE_INPUT_SCALE
 from diffusion_lab.diffusion.distillation import (
     DDIMCoefficients,
+    FlowPath,
     ddim_step,
     student_grid,
     teacher_two_steps,
+    teacher_walk,
     two_step_target,
 )
+from diffusion_lab.diffusion.flow_matching import FlowMatching
 from diffusion_lab.diffusion.process import GaussianDiffusion
 from diffusion_lab.lit.distillation import ProgressiveDistillation
-from tests.helpers import GaussianDataDenoiser
+from tests.helpers import GaussianDataDenoiser, IdealModel
 
 MEAN, STD = 0.3, 0.5
 
@@ -63,13 +69,8 @@ def test_the_target_makes_one_student_step_land_where_the_teachers_two_do():
     assert torch.equal(target[-1], z_s[-1])  # the last step lands on the clean sample: x̃ is the teacher's answer
 
 
-def test_one_round_against_an_exact_teacher_learns_its_two_step_map():
-    schedule = make_schedule("cosine", 1000)
-    distiller = ProgressiveDistillation(
-        teacher=ExactTeacher(schedule), teacher_prediction_type="epsilon", start_steps=8, final_steps=4,
-        steps_per_round=1, net=AffinePerTimestep(1000), schedule=schedule, sampler={"clip_sample": False},
-    )  # fmt: skip
-    assert distiller.student_steps() == 4
+def train_one_round(distiller: ProgressiveDistillation) -> torch.Generator:
+    """400 Adam steps on the Gaussian data's distillation loss; returns the generator, to draw fresh states from."""
     optimizer = torch.optim.Adam(distiller.net.parameters(), lr=0.05)
     generator = torch.Generator().manual_seed(0)
     for _ in range(400):
@@ -78,9 +79,20 @@ def test_one_round_against_an_exact_teacher_learns_its_two_step_map():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    return generator
+
+
+def test_one_round_against_an_exact_teacher_learns_its_two_step_map():
+    schedule = make_schedule("cosine", 1000)
+    distiller = ProgressiveDistillation(
+        teacher=ExactTeacher(schedule), teacher_prediction_type="epsilon", start_steps=8, final_steps=4,
+        steps_per_round=1, net=AffinePerTimestep(1000), schedule=schedule, sampler={"clip_sample": False},
+    )  # fmt: skip
+    assert distiller.student_steps() == 4
+    generator = train_one_round(distiller)
     # The student's single DDIM step against the teacher's two, from every point of its grid, on fresh states.
     student, doubled = student_grid(1000, 4), student_grid(1000, 8)
-    coefficients, teacher = distiller.coefficients, distiller.teacher_diffusion
+    coefficients, teacher = distiller.teacher_path.coefficients, distiller.teacher_diffusion
     for i in range(4):
         t, middle, s = (torch.full((2000,), int(v)) for v in (student[i], doubled[2 * i + 1], student[i + 1]))
         x0 = MEAN + STD * torch.randn(2000, 1, 1, 1, generator=generator)
@@ -91,6 +103,86 @@ def test_one_round_against_an_exact_teacher_learns_its_two_step_map():
         ours = ddim_step(z_t, x0, *coefficients.at(t, z_t), *coefficients.at(s, z_t))
         error = float((ours - expected).abs().max() / expected.abs().max())
         assert error < 0.02, (i, error)
+
+
+class ExactVelocity(nn.Module):
+    """The Bayes-optimal flow-matching velocity of Gaussian data, as a (parameter-free) module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ideal = IdealModel(FlowMatching(), MEAN, STD)
+
+    def forward(self, x, noise_input, labels=None):
+        return self.ideal(x, noise_input)
+
+
+class AffinePerLevel(nn.Module):
+    """A flow-matching student that can represent the exact answer for Gaussian data: per noise input 1000·t
+    (rounded), an affine map of x_t."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(int(NOISE_INPUT_SCALE) + 1))
+        self.shift = nn.Parameter(torch.zeros(int(NOISE_INPUT_SCALE) + 1))
+
+    def forward(self, x, noise_input, labels=None):
+        index, shape = noise_input.round().long(), (-1,) + (1,) * (x.ndim - 1)
+        return self.scale[index].reshape(shape) * x + self.shift[index].reshape(shape)
+
+
+def distil_flow_round(teacher_substeps: int) -> ProgressiveDistillation:
+    """One round, 8 → 4 Euler steps, of a per-level affine student against the exact Gaussian-data velocity."""
+    distiller = ProgressiveDistillation(
+        teacher=ExactVelocity(), teacher_prediction_type="velocity", start_steps=8, final_steps=4,
+        steps_per_round=1, teacher_substeps=teacher_substeps, net=AffinePerLevel(), schedule=FlowMatching(),
+        sampler={"clip_sample": False},
+    )  # fmt: skip
+    train_one_round(distiller)
+    return distiller
+
+
+def student_euler_steps(distiller: ProgressiveDistillation, z: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """(t, s, z_t, the student's single Euler step t → s) from every point of its 4-step grid, for states z_t on
+    the data's path."""
+    grid, steps = FlowPath(FlowMatching()).grid(4), []
+    for i in range(4):
+        t, s = torch.full((z.shape[1],), float(grid[i]), dtype=torch.float64), float(grid[i + 1])
+        z_t = distiller.student_path.noisy(MEAN + STD * z[0], t, z[1])
+        with torch.no_grad():
+            velocity = distiller.net(z_t, (NOISE_INPUT_SCALE * t).float())
+        steps.append((t, s, z_t, z_t + (s - float(t[0])) * velocity))  # Euler = DDIM on this path
+    return steps
+
+
+def test_a_flow_matching_teacher_is_distilled_into_half_its_euler_steps():
+    distiller = distil_flow_round(teacher_substeps=1)
+    assert distiller.student_steps() == 4 and distiller.sampler_settings["sampler"] == "euler"
+    fine = FlowPath(FlowMatching()).grid(8)
+    assert fine.tolist() == [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]
+    z = torch.randn(2, 2000, 1, 1, 1, generator=torch.Generator().manual_seed(1))
+    for i, (t, _, z_t, ours) in enumerate(student_euler_steps(distiller, z)):
+        levels = [torch.full_like(t, float(fine[2 * i + j])) for j in range(3)]
+        expected = teacher_walk(distiller.teacher, distiller.teacher_path, z_t, levels, clip_sample=False)
+        error = float((ours - expected).abs().max() / expected.abs().max())
+        assert error < 0.02, (i, error)
+
+
+def test_teacher_substeps_make_the_first_student_follow_the_exact_flow():
+    """The exact probability-flow map of Gaussian data keeps (x_t − α μ)/√(α² s_d² + s²) constant; a first student
+    taught by the teacher's 8 sub-steps per step lands nearer it than one taught by two coarse Euler steps."""
+    z = torch.randn(2, 2000, 1, 1, 1, generator=torch.Generator().manual_seed(1))
+    errors = {}
+    for substeps in (1, 8):
+        distiller = distil_flow_round(substeps)
+        assert distiller.teacher_steps_per_student_step() == 2 * substeps
+        worst = 0.0
+        for t, s, z_t, ours in student_euler_steps(distiller, z):
+            tau_t, tau_s = float(t[0]), s
+            scale = lambda tau: math.sqrt((1 - tau) ** 2 * STD**2 + tau**2)  # noqa: E731
+            exact = (1 - tau_s) * MEAN + scale(tau_s) / scale(tau_t) * (z_t - (1 - tau_t) * MEAN)
+            worst = max(worst, float((ours - exact).abs().max()))
+        errors[substeps] = worst
+    assert errors[8] < errors[1] / 5, errors  # measured: 0.018 against 0.142
 
 
 def test_the_rounds_must_halve_to_the_final_steps():
@@ -163,3 +255,51 @@ def test_evaluating_a_distilled_run_counts_each_rounds_own_steps(checkpoint, com
                              "reference_split=train", "metrics=[fid]"], config_name="evaluate"))  # fmt: skip
     calls = {r["protocol"]["global_step"]: r["protocol"]["nfe_per_sample"] for r in read_records(run)}
     assert calls == {4: 4, 8: 2}
+
+
+@pytest.fixture(scope="module")
+def flow_teacher(tmp_path_factory):
+    """A tiny flow-matching run on the 8×8 digits (10 steps): the kind of checkpoint experiment=mnist_cpu makes."""
+    from diffusion_lab.config.compose import compose_job
+    from diffusion_lab.train import train
+    from tests.conftest import FAST
+
+    folder = tmp_path_factory.mktemp("flow_teacher")
+    train(compose_job("train", [*FAST, "objective=flow_matching", f"paths.log_dir={folder}"], folder / "run"))
+    return folder / "run" / "checkpoints" / "last.ckpt"
+
+
+def test_a_flow_matching_checkpoint_distils_into_euler_students_counted_right(
+    flow_teacher, compose_config, tmp_path, capsys
+):
+    from omegaconf import OmegaConf
+
+    from diffusion_lab.distill import distill
+    from diffusion_lab.evaluation.job import evaluate
+    from diffusion_lab.runs.checkpoints import load_checkpoint, load_module
+    from diffusion_lab.runs.records import read_records
+    from tests.helpers import user_error
+
+    run = tmp_path / "run"
+    cfg = compose_config([f"teacher={flow_teacher}", *DISTILL, "distillation.teacher_substeps=2"], run_dir=run,
+                         config_name="distill")  # fmt: skip
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    distill(cfg)
+    stored = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    config = stored["diffusion_lab_config"]
+    assert config["objective"]["kind"] == "flow_matching" and config["schedule"] is None
+    assert config["sampler"]["sampler"] == "euler" and config["sampler"]["num_steps"] == 2
+    assert stored["distillation"]["teacher_prediction_type"] == "velocity"
+    module, _ = load_module(run / "checkpoints" / "last.ckpt")
+    assert isinstance(module.continuous, FlowMatching) and torch.isfinite(module.generate(seeds=range(2))).all()
+    evaluate(compose_config([f"runs={run}", "checkpoints=all", "num_samples=16", "eval.features=digits",
+                             "reference_split=train", "metrics=[fid]"], config_name="evaluate"))  # fmt: skip
+    calls = {r["protocol"]["global_step"]: r["protocol"]["nfe_per_sample"] for r in read_records(run)}
+    assert calls == {4: 4, 8: 2}
+
+    refused = compose_config([f"teacher={flow_teacher}", "distillation=consistency", "print_config=false"],
+                             config_name="distill")  # fmt: skip
+    message = user_error(distill, refused, capsys)
+    assert "distillation=consistency walks a β schedule's DDIM chain" in message
+    assert "objective=flow_matching: use distillation=progressive" in message

@@ -191,7 +191,8 @@ def _training_settings(cfg: DictConfig, lr_scheduler, run_config: dict[str, Any]
 
 def build_distillation(cfg: DictConfig, teacher_checkpoint: dict[str, Any], run_config: dict[str, Any] | None = None):
     """The student of ``distillation.method`` (progressive or consistency): its teacher's network and weights,
-    predicting v, beside the frozen teacher (the checkpoint's EMA weights)."""
+    predicting v (a flow-matching teacher's: its velocity), beside the frozen teacher (the checkpoint's EMA
+    weights)."""
     from diffusion_lab.lit.consistency import ConsistencyDistillation
     from diffusion_lab.lit.distillation import ProgressiveDistillation
     from diffusion_lab.runs.checkpoints import module_from_checkpoint
@@ -203,11 +204,16 @@ def build_distillation(cfg: DictConfig, teacher_checkpoint: dict[str, Any], run_
             f"distillation.method={settings.method!r}; choose distillation=progressive or distillation=consistency."
         )
     kind = objective_kind(cfg.objective)
-    if kind != "ddpm" or cfg.objective.get("learned_variance"):
+    if kind == "edm" or cfg.objective.get("learned_variance"):
         raise ConfigError(
             f"teacher={cfg.teacher} was trained with objective={kind if kind != 'ddpm' else 'hybrid'}; distillation "
-            "walks DDIM on a β schedule with the network's prediction alone: give a checkpoint trained with "
-            "objective=epsilon, sample or v_prediction."
+            "walks DDIM on a β schedule or Euler on flow matching's path with the network's prediction alone: give "
+            "a checkpoint trained with objective=epsilon, sample, v_prediction or flow_matching."
+        )
+    if kind == "flow_matching" and settings.method != "progressive":
+        raise ConfigError(
+            f"distillation={settings.method} walks a β schedule's DDIM chain; teacher={cfg.teacher} was trained with "
+            "objective=flow_matching: use distillation=progressive (Euler steps on its path)."
         )
     teacher = module_from_checkpoint(teacher_checkpoint, cfg.teacher, use_ema=True)
     student = instantiate(cfg.model)
@@ -218,6 +224,7 @@ def build_distillation(cfg: DictConfig, teacher_checkpoint: dict[str, Any], run_
             "start_steps": int(settings.start_steps),
             "final_steps": int(settings.final_steps),
             "steps_per_round": int(settings.steps_per_round),
+            "teacher_substeps": int(settings.get("teacher_substeps", 1)),
         }
     else:
         huber_c = settings.get("huber_c")
@@ -229,10 +236,10 @@ def build_distillation(cfg: DictConfig, teacher_checkpoint: dict[str, Any], run_
         }
     return methods[settings.method](
         teacher=teacher.net,
-        teacher_prediction_type=teacher.diffusion.prediction_type,
+        teacher_prediction_type=teacher.diffusion.prediction_type if teacher.diffusion is not None else "velocity",
         **method_args,
         net=student,
-        schedule=build_schedule(cfg.schedule),
+        schedule=noise_process(cfg),
         sampler=sampler_settings(cfg.sampler),
         **_training_settings(cfg, lr_scheduler, run_config),
     )

@@ -35,22 +35,27 @@ class ConsistencyParameterisation:
         self.sigmas = ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
         self.sigma_min = float(self.sigmas[0])
         self.sigma_data = sigma_data
+        self.c_skips = sigma_data**2 / ((self.sigmas - self.sigma_min).square() + sigma_data**2)
+        # The tables copied to each device once: a training step indexes them where its timesteps are (no host sync).
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
 
-    def _per_sample(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return values[t.cpu()].reshape(t.shape + (1,) * (like.ndim - t.ndim)).to(like.device, like.dtype)
+    def _per_sample(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if (name, t.device) not in self._on_device:
+            self._on_device[name, t.device] = getattr(self, name).to(t.device)
+        values = self._on_device[name, t.device]
+        return values[t].reshape(t.shape + (1,) * (like.ndim - t.ndim)).to(like.device, like.dtype)
 
     def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The VE noise level σ(t) = √(1 − ᾱ_t)/√ᾱ_t, shaped to broadcast against ``like``."""
-        return self._per_sample(self.sigmas, t, like)
+        return self._per_sample("sigmas", t, like)
 
     def c_skip(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        c_skip = self.sigma_data**2 / ((self.sigmas - self.sigma_min).square() + self.sigma_data**2)
-        return self._per_sample(c_skip, t, like)
+        return self._per_sample("c_skips", t, like)
 
     def __call__(self, z: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """f(z, t) in x̃ coordinates, given the network's x̂₀ at (z, t); exactly z/α at t = 0."""
         c_skip = self.c_skip(t, z)
-        return c_skip * (z / self._per_sample(self.alpha, t, z)) + (1.0 - c_skip) * x0
+        return c_skip * (z / self._per_sample("alpha", t, z)) + (1.0 - c_skip) * x0
 
 
 def consistency_grid(num_train_timesteps: int, num_intervals: int) -> torch.Tensor:

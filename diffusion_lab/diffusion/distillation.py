@@ -11,14 +11,26 @@ and the student regresses x̂₀ onto x̃ with the truncated-SNR weight max(SNR_
 the student of a round is the teacher of the next. Grids are nested "trailing" DDIM grids of the training timesteps
 (the 2N-step grid holds the N-step one at every other point), and the step after the last lands on the clean
 sample (ᾱ = 1, here the index T).
+
+The same algebra holds on any Gaussian path x = α x₀ + s ε: a flow-matching teacher (α = 1 − t, s = t) walks its
+uniform t grid, where DDIM's deterministic step is exactly Euler's step along the velocity. ``DiscretePath`` and
+``FlowPath`` give the distiller the levels, coefficients and x̂₀ of either.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Sequence
+
 import torch
 
+from diffusion_lab.diffusion.continuous import as_column
+from diffusion_lab.diffusion.flow_matching import FlowMatching
 from diffusion_lab.diffusion.process import GaussianDiffusion, clamp_x0
 from diffusion_lab.diffusion.samplers.timesteps import sampling_timesteps
+
+# The network as the distiller calls it: (image, noise input) → output; labels are bound in already.
+NetworkCall = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def student_grid(num_train_timesteps: int, num_steps: int) -> torch.Tensor:
@@ -28,20 +40,82 @@ def student_grid(num_train_timesteps: int, num_steps: int) -> torch.Tensor:
 
 
 class DDIMCoefficients:
-    """α = √ᾱ and σ = √(1 − ᾱ) of every training timestep, plus the clean sample at index T (α = 1, σ = 0)."""
+    """α = √ᾱ and σ = √(1 − ᾱ) of every training timestep, plus the clean sample at index T (α = 1, σ = 0). The
+    tables are copied to each device once, so a training step indexes them where its timesteps are (no host sync)."""
 
     def __init__(self, diffusion: GaussianDiffusion) -> None:
         alphas_cumprod = torch.cat([diffusion.schedule.alphas_cumprod, torch.ones(1, dtype=torch.float64)])
         self.alpha = alphas_cumprod.sqrt()
         self.sigma = (1.0 - alphas_cumprod).clamp(min=0.0).sqrt()
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def at(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if t.device not in self._on_device:
+            self._on_device[t.device] = (self.alpha.to(t.device), self.sigma.to(t.device))
+        alpha, sigma = self._on_device[t.device]
         shape = t.shape + (1,) * (like.ndim - t.ndim)
-        index = t.cpu()
         return (
-            self.alpha[index].reshape(shape).to(like.device, like.dtype),
-            self.sigma[index].reshape(shape).to(like.device, like.dtype),
+            alpha[t].reshape(shape).to(like.device, like.dtype),
+            sigma[t].reshape(shape).to(like.device, like.dtype),
         )
+
+
+class DiscretePath:
+    """DDPM's chain as a distiller walks it: levels are training timesteps (T: the clean sample); the network's
+    output means what ``diffusion.prediction_type`` says."""
+
+    def __init__(self, diffusion: GaussianDiffusion) -> None:
+        self.diffusion = diffusion
+        self.coefficients = DDIMCoefficients(diffusion)
+
+    def grid(self, num_steps: int) -> torch.Tensor:
+        return student_grid(self.diffusion.num_train_timesteps, num_steps)
+
+    def at(self, levels: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.coefficients.at(levels, like)
+
+    def noisy(self, x0: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.diffusion.q_sample(x0, levels, noise)
+
+    def network_input(self, z: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return z, levels
+
+    def denoised(self, output: torch.Tensor, z: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        return self.diffusion.predict_x0(z, levels, output)
+
+    def student_sampler(self, num_steps: int) -> dict:
+        """The sampler settings that walk this grid: DDIM's deterministic steps on the trailing timesteps."""
+        return {"sampler": "ddim", "num_steps": num_steps, "eta": 0.0, "timestep_spacing": "trailing"}
+
+
+class FlowPath:
+    """Flow matching's linear path as a distiller walks it: levels are t from 1 (noise) to 0 (the data) on the
+    uniform grid (optionally shifted, which keeps the grids nested), the network predicts the velocity."""
+
+    def __init__(self, objective: FlowMatching, shift: float = 1.0) -> None:
+        self.objective, self.shift = objective, shift
+
+    def grid(self, num_steps: int) -> torch.Tensor:
+        return torch.tensor(self.objective.uniform_times(num_steps, self.shift), dtype=torch.float64)
+
+    def at(self, levels: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return as_column(self.objective.alpha(levels), like), as_column(self.objective.noise_std(levels), like)
+
+    def noisy(self, x0: torch.Tensor, levels: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.objective.noisy(x0, noise, levels)
+
+    def network_input(self, z: torch.Tensor, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.objective.network_input(z, levels)
+
+    def denoised(self, output: torch.Tensor, z: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        return self.objective.denoised(output, z, levels)
+
+    def student_sampler(self, num_steps: int) -> dict:
+        """Euler on the uniform t grid (DDIM's deterministic step on this path is Euler's)."""
+        return {"sampler": "euler", "num_steps": num_steps, "timestep_spacing": "trailing", "shift": self.shift}
+
+
+DistillationPath = DiscretePath | FlowPath
 
 
 def ddim_step(
@@ -65,6 +139,18 @@ def truncated_snr_weight(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tens
 
 
 @torch.no_grad()
+def teacher_walk(
+    network: NetworkCall, path: DistillationPath, z: torch.Tensor, levels: Sequence[torch.Tensor], clip_sample=True
+) -> torch.Tensor:
+    """The teacher's deterministic DDIM steps through ``levels`` (per-sample level tensors, the first z's own),
+    x̂₀ clamped as its sampler does; returns the state at the last level."""
+    for level, following in itertools.pairwise(levels):
+        x_in, noise_input = path.network_input(z, level)
+        x0 = clamp_x0(path.denoised(network(x_in, noise_input), z, level), clip_sample)
+        z = ddim_step(z, x0, *path.at(level, z), *path.at(following, z))
+    return z
+
+
 def teacher_two_steps(
     teacher_fn,
     teacher: GaussianDiffusion,
@@ -75,11 +161,7 @@ def teacher_two_steps(
     s: torch.Tensor,
     clip_sample: bool | float = True,
 ) -> torch.Tensor:
-    """z_s after the teacher's two DDIM steps t → middle → s (``teacher_fn(x, t)`` returns its network output)."""
-    alpha_t, sigma_t = coefficients.at(t, z_t)
-    alpha_m, sigma_m = coefficients.at(middle, z_t)
-    alpha_s, sigma_s = coefficients.at(s, z_t)
-    x0 = clamp_x0(teacher.predict_x0(z_t, t, teacher_fn(z_t, t)), clip_sample)
-    z_m = ddim_step(z_t, x0, alpha_t, sigma_t, alpha_m, sigma_m)
-    x0_m = clamp_x0(teacher.predict_x0(z_m, middle, teacher_fn(z_m, middle)), clip_sample)
-    return ddim_step(z_m, x0_m, alpha_m, sigma_m, alpha_s, sigma_s)
+    """z_s after a DDPM teacher's two DDIM steps t → middle → s (``teacher_fn(x, t)`` returns its network output)."""
+    path = DiscretePath(teacher)
+    path.coefficients = coefficients
+    return teacher_walk(teacher_fn, path, z_t, [t, middle, s], clip_sample)

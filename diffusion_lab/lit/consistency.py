@@ -41,6 +41,11 @@ class ConsistencyDistillation(TeacherStudent):
         if num_steps < 1:
             raise ValueError(f"num_steps={num_steps} must be >= 1 (the consistency sampler's network calls).")
         super().__init__(**module_args)
+        if self.diffusion is None:
+            raise ValueError(
+                f"distillation=consistency walks a β schedule's DDIM chain; this teacher trained objective="
+                f"{self.continuous.name}: distil it with distillation=progressive (Euler steps on its path)."
+            )
         self.grid = consistency_grid(self.diffusion.num_train_timesteps, num_intervals)
         self.pairs, self.huber_c = pairs, huber_c
         self.parameterisation = ConsistencyParameterisation(self.diffusion.schedule.alphas_cumprod)

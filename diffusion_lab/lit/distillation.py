@@ -6,7 +6,10 @@ sample in half the DDIM steps, round after round (Salimans & Ho 2022; the maths 
 The run is ``num_rounds × steps_per_round`` optimiser steps. Round r distils a teacher walking 2N steps into a
 student walking N = start_steps / 2^(r+1); at the round's end the student's EMA weights become the next teacher
 (and the student's own weights, which continue from there). The student predicts v (x̂₀ from an ε-prediction at
-one step from pure noise divides by α ≈ 0), starting from the teacher's weights. Everything else is the training
+one step from pure noise divides by α ≈ 0), starting from the teacher's weights; a flow-matching teacher's student
+keeps its velocity and walks Euler's steps on the uniform t grid. In the first round ``teacher_substeps`` > 1 has
+the original teacher take each of its two steps in that many finer ones, so the first student learns a more exact
+map of the teacher's ODE than two coarse steps give. Everything else is the training
 loop's: EMA, checkpoints, sample grids, DDP/bf16, resuming — a resumed run restores its round and its teacher, which
 live in the checkpoint beside the student. The student's checkpoints record the DDIM sampler of their round, so
 ``sample`` and ``evaluate`` draw with it by default and count its calls.
@@ -24,28 +27,49 @@ from torch import nn
 from diffusion_lab.callbacks.ema import find_ema
 from diffusion_lab.diffusion import GaussianDiffusion
 from diffusion_lab.diffusion.distillation import (
-    DDIMCoefficients,
-    student_grid,
-    teacher_two_steps,
+    DiscretePath,
+    DistillationPath,
+    FlowPath,
+    teacher_walk,
     truncated_snr_weight,
     two_step_target,
 )
+from diffusion_lab.diffusion.flow_matching import FlowMatching
 from diffusion_lab.lit.module import DiffusionModule
 
 DISTILLATION_KEY = "distillation"
 
 
 class TeacherStudent(DiffusionModule):
-    """A DiffusionModule (the student, predicting v) with a frozen teacher network beside it: the teacher is not a
-    submodule (no optimiser, no EMA, not in the student's state dict) but lives in every checkpoint, so a resumed
-    run has the teacher it stopped with."""
+    """A DiffusionModule (the student: predicting v on DDPM's chain, the velocity on flow matching's path) with a
+    frozen teacher network beside it: the teacher is not a submodule (no optimiser, no EMA, not in the student's
+    state dict) but lives in every checkpoint, so a resumed run has the teacher it stopped with."""
 
     def __init__(self, *, teacher: nn.Module, teacher_prediction_type: str, **module_args: Any) -> None:
         super().__init__(prediction_type="v_prediction", **module_args)
-        if self.diffusion is None:
-            raise ValueError("distillation walks a β schedule's DDIM chain; this teacher has none.")
+        if self.diffusion is None and not isinstance(self.continuous, FlowMatching):
+            raise ValueError(
+                f"distillation walks a β schedule's DDIM chain or flow matching's path; objective="
+                f"{self.continuous.name} is neither (train the teacher with objective=v_prediction or flow_matching)."
+            )
         self._teacher = [copy.deepcopy(teacher).eval().requires_grad_(False)]  # a list: not a submodule of ours
-        self.teacher_diffusion = GaussianDiffusion(self.diffusion.schedule, teacher_prediction_type)
+        self.student_path = self.make_path("v_prediction")
+        self.teacher_path = self.make_path(teacher_prediction_type)
+
+    def make_path(self, prediction_type: str) -> DistillationPath:
+        """The chain a network with this prediction walks (flow matching: always its velocity)."""
+        if self.diffusion is None:
+            return FlowPath(self.continuous, float(self.sampler_settings.get("shift", 1.0)))
+        return DiscretePath(GaussianDiffusion(self.diffusion.schedule, prediction_type))
+
+    @property
+    def teacher_diffusion(self) -> GaussianDiffusion | None:
+        """A DDPM teacher's process (its prediction type); None for flow matching."""
+        return getattr(self.teacher_path, "diffusion", None)
+
+    @property
+    def teacher_prediction_type(self) -> str:
+        return self.teacher_diffusion.prediction_type if self.teacher_diffusion is not None else "velocity"
 
     @property
     def teacher(self) -> nn.Module:
@@ -64,7 +88,8 @@ class TeacherStudent(DiffusionModule):
         self.sampler_settings.update(sampler)
         if self.config is not None:
             self.config["sampler"] = {**self.config.get("sampler", {}), **sampler}
-            self.config.setdefault("objective", {})["prediction_type"] = "v_prediction"
+            if self.diffusion is not None:
+                self.config.setdefault("objective", {})["prediction_type"] = "v_prediction"
             self.config.setdefault(DISTILLATION_KEY, {}).update(record)
 
     def distillation_state(self) -> dict[str, Any]:
@@ -105,7 +130,7 @@ class TeacherStudent(DiffusionModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint[DISTILLATION_KEY] = {
             **self.distillation_state(),
-            "teacher_prediction_type": self.teacher_diffusion.prediction_type,
+            "teacher_prediction_type": self.teacher_prediction_type,
             "teacher": {key: value.detach().cpu().clone() for key, value in self.teacher.state_dict().items()},
         }
 
@@ -114,7 +139,7 @@ class TeacherStudent(DiffusionModule):
         state = checkpoint.get(DISTILLATION_KEY)
         if state:
             self.teacher.load_state_dict(state["teacher"])
-            self.teacher_diffusion = GaussianDiffusion(self.diffusion.schedule, state["teacher_prediction_type"])
+            self.teacher_path = self.make_path(state["teacher_prediction_type"])
             self.load_distillation_state(state)
 
     def setup(self, stage: str) -> None:
@@ -128,6 +153,7 @@ class ProgressiveDistillation(TeacherStudent):
         start_steps: int,
         final_steps: int,
         steps_per_round: int,
+        teacher_substeps: int = 1,
         **module_args: Any,
     ) -> None:
         rounds = math.log2(start_steps / final_steps) if final_steps >= 1 and start_steps > final_steps else 0
@@ -138,14 +164,21 @@ class ProgressiveDistillation(TeacherStudent):
             )
         if steps_per_round < 1:
             raise ValueError(f"steps_per_round={steps_per_round} must be >= 1.")
+        if teacher_substeps < 1 or teacher_substeps & (teacher_substeps - 1):
+            raise ValueError(
+                f"teacher_substeps={teacher_substeps} must be a power of two (1, 2, 4, …): the teacher's finer grid "
+                "must hold the student's points."
+            )
         super().__init__(**module_args)
         self.start_steps, self.final_steps, self.steps_per_round = start_steps, final_steps, steps_per_round
+        self.teacher_substeps = teacher_substeps
         self.num_rounds = int(rounds)
-        if start_steps > self.diffusion.num_train_timesteps:
+        finest = start_steps * teacher_substeps
+        if self.diffusion is not None and finest > self.diffusion.num_train_timesteps:
             raise ValueError(
-                f"start_steps={start_steps} is more than the teacher's {self.diffusion.num_train_timesteps} timesteps."
+                f"start_steps × teacher_substeps = {finest} is more than the teacher's "
+                f"{self.diffusion.num_train_timesteps} timesteps."
             )
-        self.coefficients = DDIMCoefficients(self.diffusion)
         self.round = 0
         self._set_round_sampler()
 
@@ -154,12 +187,17 @@ class ProgressiveDistillation(TeacherStudent):
     def student_steps(self, round_index: int | None = None) -> int:
         return self.start_steps // 2 ** ((self.round if round_index is None else round_index) + 1)
 
+    def teacher_steps_per_student_step(self) -> int:
+        """2, or 2 × teacher_substeps while the original teacher teaches (the first round)."""
+        return 2 * (self.teacher_substeps if self.round == 0 else 1)
+
     def round_of_step(self, step: int) -> int:
         return min(step // self.steps_per_round, self.num_rounds - 1)
 
     def _set_round_sampler(self) -> None:
-        sampler = {"sampler": "ddim", "num_steps": self.student_steps(), "eta": 0.0, "timestep_spacing": "trailing"}
-        self.set_student_sampler(sampler, method="progressive", round=self.round, student_steps=self.student_steps())
+        steps = self.student_steps()
+        sampler = self.student_path.student_sampler(steps)
+        self.set_student_sampler(sampler, method="progressive", round=self.round, student_steps=steps)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         round_index = self.round_of_step(self.global_step)
@@ -172,7 +210,7 @@ class ProgressiveDistillation(TeacherStudent):
         averaged = ema.ema_module(self) if ema is not None else self
         self.teacher.load_state_dict(averaged.net.state_dict())
         self.teacher.to(self.device)
-        self.teacher_diffusion = GaussianDiffusion(self.diffusion.schedule, "v_prediction")
+        self.teacher_path = self.student_path
         self.round += 1
         self._set_round_sampler()
 
@@ -185,23 +223,24 @@ class ProgressiveDistillation(TeacherStudent):
     def distillation_loss(
         self, net: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample max(SNR, 1)·‖x̂₀ − x̃‖² at a student step drawn uniformly, and the timesteps it was taken at."""
-        steps = self.student_steps()
-        student = student_grid(self.diffusion.num_train_timesteps, steps).to(x0.device)
-        teacher = student_grid(self.diffusion.num_train_timesteps, 2 * steps).to(x0.device)
+        """Per-sample max(SNR, 1)·‖x̂₀ − x̃‖² at a student step drawn uniformly, and the levels it was taken at."""
+        steps, per_step = self.student_steps(), self.teacher_steps_per_student_step()
+        fine = self.student_path.grid(steps * per_step).to(x0.device)  # the teacher's grid; every per_step-th: ours
         index = torch.randint(0, steps, (x0.shape[0],), device=x0.device, generator=generator)
-        t, middle, s = student[index], teacher[2 * index + 1], student[index + 1]
+        levels = [fine[per_step * index + j] for j in range(per_step + 1)]
+        t, s = levels[0], levels[-1]
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
-        z_t = self.diffusion.q_sample(x0, t, noise)
+        path = self.student_path
+        z_t = path.noisy(x0, t, noise)
         clip = self.sampler_settings.get("clip_sample", True)  # the teacher's DDIM clamps x̂₀ as its sampler does
-        teacher_fn = self.teacher_fn(labels)
-        z_s = teacher_two_steps(teacher_fn, self.teacher_diffusion, self.coefficients, z_t, t, middle, s, clip)
-        output = net(z_t, t, labels) if labels is not None else net(z_t, t)
+        z_s = teacher_walk(self.teacher_fn(labels), self.teacher_path, z_t, levels, clip)
+        x_in, noise_input = path.network_input(z_t, t)
+        output = net(x_in, noise_input, labels) if labels is not None else net(x_in, noise_input)
         with torch.autocast(device_type=x0.device.type, enabled=False):
-            alpha_t, sigma_t = self.coefficients.at(t, z_t)
-            alpha_s, sigma_s = self.coefficients.at(s, z_t)
+            alpha_t, sigma_t = path.at(t, z_t.float())
+            alpha_s, sigma_s = path.at(s, z_t.float())
             target = two_step_target(z_t.float(), z_s.float(), alpha_t, sigma_t, alpha_s, sigma_s)
-            x0_hat = self.diffusion.predict_x0(z_t.float(), t, output.float())
+            x0_hat = path.denoised(output.float(), z_t.float(), t)
             squared_error = (x0_hat - target).square().flatten(1).mean(dim=1)
             return truncated_snr_weight(alpha_t, sigma_t).flatten() * squared_error, t
 
