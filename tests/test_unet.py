@@ -243,6 +243,19 @@ def test_regional_compile_matches_eager_shares_graphs_across_blocks_and_keeps_st
         compile_network(small_unet(), "fast")
 
 
+def test_regional_compile_leaves_room_to_compile_every_block_shape(monkeypatch):
+    """The MNIST preset's U-Net runs its ResBlock code at 9 shapes, more than dynamo's default recompile limit of
+    8, past which the remaining blocks would silently run eager: regional compile raises the limit."""
+    import torch._dynamo.config as dynamo_config
+
+    from diffusion_lab.models.compilation import compile_network
+
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)
+    net = UNet(32, 1, model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(16,))
+    blocks = compile_network(net, True)
+    assert blocks == 23 and dynamo_config.recompile_limit >= blocks
+
+
 def test_graphs_mode_compiles_the_whole_network_and_samplers_get_outputs_that_outlive_a_replay():
     """compile=graphs: one compiled region (the whole network, CUDA graphs on a GPU); the sampling call copies each
     output, since the next replay of a CUDA graph overwrites its output buffers — and only in that mode."""
