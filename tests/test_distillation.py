@@ -13,10 +13,10 @@ from diffusion_lab.diffusion import make_schedule
 from diffusion_lab.diffusion.continuous import NOISE_INPUT_SCALE
 from diffusion_lab.diffusion.distillation import (
     DDIMCoefficients,
+    DiscretePath,
     FlowPath,
     ddim_step,
     student_grid,
-    teacher_two_steps,
     teacher_walk,
     two_step_target,
 )
@@ -62,7 +62,7 @@ def test_the_target_makes_one_student_step_land_where_the_teachers_two_do():
     z_t = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     index = torch.arange(4)
     t, middle, s = student[index], doubled[2 * index + 1], student[index + 1]
-    z_s = teacher_two_steps(model, teacher, coefficients, z_t, t, middle, s, clip_sample=False)
+    z_s = teacher_walk(model, DiscretePath(teacher), z_t, [t, middle, s], clip_sample=False)
     target = two_step_target(z_t, z_s, *coefficients.at(t, z_t), *coefficients.at(s, z_t))
     one_step = ddim_step(z_t, target, *coefficients.at(t, z_t), *coefficients.at(s, z_t))
     assert torch.allclose(one_step, z_s, atol=1e-10)
@@ -92,12 +92,12 @@ def test_one_round_against_an_exact_teacher_learns_its_two_step_map():
     generator = train_one_round(distiller)
     # The student's single DDIM step against the teacher's two, from every point of its grid, on fresh states.
     student, doubled = student_grid(1000, 4), student_grid(1000, 8)
-    coefficients, teacher = distiller.teacher_path.coefficients, distiller.teacher_diffusion
+    coefficients = distiller.teacher_path.coefficients
     for i in range(4):
         t, middle, s = (torch.full((2000,), int(v)) for v in (student[i], doubled[2 * i + 1], student[i + 1]))
         x0 = MEAN + STD * torch.randn(2000, 1, 1, 1, generator=generator)
         z_t = distiller.diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=generator))
-        expected = teacher_two_steps(distiller.teacher, teacher, coefficients, z_t, t, middle, s, clip_sample=False)
+        expected = teacher_walk(distiller.teacher, distiller.teacher_path, z_t, [t, middle, s], clip_sample=False)
         with torch.no_grad():
             x0 = distiller.diffusion.predict_x0(z_t, t, distiller.net(z_t, t))
         ours = ddim_step(z_t, x0, *coefficients.at(t, z_t), *coefficients.at(s, z_t))

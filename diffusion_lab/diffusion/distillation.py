@@ -149,19 +149,3 @@ def teacher_walk(
         x0 = clamp_x0(path.denoised(network(x_in, noise_input), z, level), clip_sample)
         z = ddim_step(z, x0, *path.at(level, z), *path.at(following, z))
     return z
-
-
-def teacher_two_steps(
-    teacher_fn,
-    teacher: GaussianDiffusion,
-    coefficients: DDIMCoefficients,
-    z_t: torch.Tensor,
-    t: torch.Tensor,
-    middle: torch.Tensor,
-    s: torch.Tensor,
-    clip_sample: bool | float = True,
-) -> torch.Tensor:
-    """z_s after a DDPM teacher's two DDIM steps t → middle → s (``teacher_fn(x, t)`` returns its network output)."""
-    path = DiscretePath(teacher)
-    path.coefficients = coefficients
-    return teacher_walk(teacher_fn, path, z_t, [t, middle, s], clip_sample)

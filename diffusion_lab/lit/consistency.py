@@ -22,8 +22,7 @@ from diffusion_lab.diffusion.consistency import (
     consistency_loss,
     pseudo_huber_constant,
 )
-from diffusion_lab.diffusion.distillation import DDIMCoefficients, ddim_step
-from diffusion_lab.diffusion.process import clamp_x0
+from diffusion_lab.diffusion.distillation import teacher_walk
 from diffusion_lab.lit.distillation import TeacherStudent
 
 PAIRS = ("teacher", "data")
@@ -49,7 +48,6 @@ class ConsistencyDistillation(TeacherStudent):
         self.grid = consistency_grid(self.diffusion.num_train_timesteps, num_intervals)
         self.pairs, self.huber_c = pairs, huber_c
         self.parameterisation = ConsistencyParameterisation(self.diffusion.schedule.alphas_cumprod)
-        self.coefficients = DDIMCoefficients(self.diffusion)
         self.set_student_sampler({"sampler": "consistency", "num_steps": num_steps}, method="consistency", pairs=pairs)
 
     def consistency_fn(self, net: nn.Module, z: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None):
@@ -85,6 +83,5 @@ class ConsistencyDistillation(TeacherStudent):
         self, z: torch.Tensor, t: torch.Tensor, s: torch.Tensor, labels: torch.Tensor | None
     ) -> torch.Tensor:
         """The teacher's deterministic DDIM step t → s (x̂₀ clamped as its sampler does)."""
-        x0 = self.teacher_diffusion.predict_x0(z, t, self.teacher_fn(labels)(z, t))
-        x0 = clamp_x0(x0, self.sampler_settings.get("clip_sample", True))
-        return ddim_step(z, x0, *self.coefficients.at(t, z), *self.coefficients.at(s, z))
+        clip = self.sampler_settings.get("clip_sample", True)
+        return teacher_walk(self.teacher_fn(labels), self.teacher_path, z, [t, s], clip)

@@ -180,6 +180,7 @@ class ProgressiveDistillation(TeacherStudent):
                 f"{self.diffusion.num_train_timesteps} timesteps."
             )
         self.round = 0
+        self._grids: dict[tuple[int, torch.device], torch.Tensor] = {}
         self._set_round_sampler()
 
     # -- rounds --------------------------------------------------------------------------------------------
@@ -216,6 +217,13 @@ class ProgressiveDistillation(TeacherStudent):
 
     # -- the loss ------------------------------------------------------------------------------------------
 
+    def _grid(self, num_steps: int, device: torch.device) -> torch.Tensor:
+        """The path's grid of ``num_steps`` steps on ``device``, made once (not copied to the device every step)."""
+        key = (num_steps, device)
+        if key not in self._grids:
+            self._grids[key] = self.student_path.grid(num_steps).to(device)
+        return self._grids[key]
+
     def log_progress(self) -> None:
         self.log("distill/round", float(self.round), on_step=True, on_epoch=False)
         self.log("distill/student_steps", float(self.student_steps()), on_step=True, on_epoch=False)
@@ -225,7 +233,7 @@ class ProgressiveDistillation(TeacherStudent):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample max(SNR, 1)·‖x̂₀ − x̃‖² at a student step drawn uniformly, and the levels it was taken at."""
         steps, per_step = self.student_steps(), self.teacher_steps_per_student_step()
-        fine = self.student_path.grid(steps * per_step).to(x0.device)  # the teacher's grid; every per_step-th: ours
+        fine = self._grid(steps * per_step, x0.device)  # the teacher's grid; every per_step-th point is ours
         index = torch.randint(0, steps, (x0.shape[0],), device=x0.device, generator=generator)
         levels = [fine[per_step * index + j] for j in range(per_step + 1)]
         t, s = levels[0], levels[-1]
