@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from diffusion_lab.diffusion.continuous import TimestepTables
+
 SIGMA_DATA = 0.5  # the standard deviation of data scaled to [−1, 1] that c_skip assumes (EDM's default)
 
 
@@ -36,14 +38,10 @@ class ConsistencyParameterisation:
         self.sigma_min = float(self.sigmas[0])
         self.sigma_data = sigma_data
         self.c_skips = sigma_data**2 / ((self.sigmas - self.sigma_min).square() + sigma_data**2)
-        # The tables copied to each device once: a training step indexes them where its timesteps are (no host sync).
-        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._tables = TimestepTables(sigmas=self.sigmas, c_skips=self.c_skips, alpha=self.alpha)
 
     def _per_sample(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        if (name, t.device) not in self._on_device:
-            self._on_device[name, t.device] = getattr(self, name).to(t.device)
-        values = self._on_device[name, t.device]
-        return values[t].reshape(t.shape + (1,) * (like.ndim - t.ndim)).to(like.device, like.dtype)
+        return self._tables.column(name, t, like)
 
     def sigma(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The VE noise level σ(t) = √(1 − ᾱ_t)/√ᾱ_t, shaped to broadcast against ``like``."""

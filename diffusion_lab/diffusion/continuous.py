@@ -27,6 +27,22 @@ def as_column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(device=like.device, dtype=like.dtype).reshape(values.shape + (1,) * (like.ndim - values.ndim))
 
 
+class TimestepTables:
+    """Named per-timestep tables indexed by a batch's timesteps, each copied to a device once: a training step
+    indexes them where its timesteps are (no host sync, no copy per step)."""
+
+    def __init__(self, **tables: torch.Tensor) -> None:
+        self._tables = tables
+        self._on_device: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def column(self, name: str, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """table[t] per sample, shaped (B, 1, …, 1) in ``like``'s dtype and device."""
+        key = (name, t.device)
+        if key not in self._on_device:
+            self._on_device[key] = self._tables[name].to(t.device)
+        return as_column(self._on_device[key][t], like)
+
+
 def standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
 

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from diffusion_lab.diffusion.continuous import as_column
+from diffusion_lab.diffusion.continuous import TimestepTables, as_column
 from diffusion_lab.diffusion.flow_matching import FlowMatching
 from diffusion_lab.diffusion.process import GaussianDiffusion, clamp_x0
 from diffusion_lab.diffusion.samplers.timesteps import sampling_timesteps
@@ -40,24 +40,16 @@ def student_grid(num_train_timesteps: int, num_steps: int) -> torch.Tensor:
 
 
 class DDIMCoefficients:
-    """α = √ᾱ and σ = √(1 − ᾱ) of every training timestep, plus the clean sample at index T (α = 1, σ = 0). The
-    tables are copied to each device once, so a training step indexes them where its timesteps are (no host sync)."""
+    """α = √ᾱ and σ = √(1 − ᾱ) of every training timestep, plus the clean sample at index T (α = 1, σ = 0)."""
 
     def __init__(self, diffusion: GaussianDiffusion) -> None:
         alphas_cumprod = torch.cat([diffusion.schedule.alphas_cumprod, torch.ones(1, dtype=torch.float64)])
         self.alpha = alphas_cumprod.sqrt()
         self.sigma = (1.0 - alphas_cumprod).clamp(min=0.0).sqrt()
-        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables = TimestepTables(alpha=self.alpha, sigma=self.sigma)
 
     def at(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if t.device not in self._on_device:
-            self._on_device[t.device] = (self.alpha.to(t.device), self.sigma.to(t.device))
-        alpha, sigma = self._on_device[t.device]
-        shape = t.shape + (1,) * (like.ndim - t.ndim)
-        return (
-            alpha[t].reshape(shape).to(like.device, like.dtype),
-            sigma[t].reshape(shape).to(like.device, like.dtype),
-        )
+        return self._tables.column("alpha", t, like), self._tables.column("sigma", t, like)
 
 
 class DiscretePath:
