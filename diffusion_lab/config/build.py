@@ -225,6 +225,8 @@ def build_distillation(cfg: DictConfig, teacher_checkpoint: dict[str, Any], run_
             "final_steps": int(settings.final_steps),
             "steps_per_round": int(settings.steps_per_round),
             "teacher_substeps": int(settings.get("teacher_substeps", 1)),
+            "trajectories": None if settings.get("trajectories") is None else int(settings.trajectories),
+            "trajectory_seed": int(cfg.seed),
         }
     else:
         huber_c = settings.get("huber_c")

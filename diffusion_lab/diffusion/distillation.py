@@ -15,6 +15,13 @@ sample (ᾱ = 1, here the index T).
 The same algebra holds on any Gaussian path x = α x₀ + s ε: a flow-matching teacher (α = 1 − t, s = t) walks its
 uniform t grid, where DDIM's deterministic step is exactly Euler's step along the velocity. ``DiscretePath`` and
 ``FlowPath`` give the distiller the levels, coefficients and x̂₀ of either.
+
+Distilling from trajectories (this project's variant): instead of the teacher's two steps from a noised training
+image at every optimiser step, the original teacher solves its ODE once, before training, from a bank of noises
+through every point of the finest student grid (``teacher_trajectories``); every round then regresses the student's
+single step onto the bank's states, with the same target algebra. The student learns on the states it meets when it
+samples (from noise, not from noised data), its targets are the teacher's own ODE rather than the previous round's
+student's, and a training step calls no teacher.
 """
 
 from __future__ import annotations
@@ -141,3 +148,19 @@ def teacher_walk(
         x0 = clamp_x0(path.denoised(network(x_in, noise_input), z, level), clip_sample)
         z = ddim_step(z, x0, *path.at(level, z), *path.at(following, z))
     return z
+
+
+@torch.no_grad()
+def teacher_trajectories(
+    network: NetworkCall, path: DistillationPath, noise: torch.Tensor, fine_grid: torch.Tensor, every: int, clip_sample
+) -> torch.Tensor:
+    """The teacher's deterministic walk from ``noise`` (at fine_grid[0]) through ``fine_grid``, keeping the state at
+    every ``every``-th level: (B, (len(fine_grid) − 1)/every + 1, …). With fine_grid the student grid refined
+    ``every`` times, the kept states are the teacher's ODE solution at each point of the student's grid."""
+    z, kept = noise, [noise]
+    batch = noise.shape[0]
+    for start in range(0, len(fine_grid) - 1, every):
+        levels = [fine_grid[start + j].expand(batch) for j in range(every + 1)]
+        z = teacher_walk(network, path, z, levels, clip_sample)
+        kept.append(z)
+    return torch.stack(kept, dim=1)

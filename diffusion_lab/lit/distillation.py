@@ -13,12 +13,22 @@ map of the teacher's ODE than two coarse steps give. Everything else is the trai
 loop's: EMA, checkpoints, sample grids, DDP/bf16, resuming — a resumed run restores its round and its teacher, which
 live in the checkpoint beside the student. The student's checkpoints record the DDIM sampler of their round, so
 ``sample`` and ``evaluate`` draw with it by default and count its calls.
+
+With ``trajectories`` = M the targets come from a bank instead: on its first step the run has the original teacher
+solve its ODE from M seeded noises through the finest student grid (``teacher_trajectories``), and every round
+regresses the student's single step between two of the bank's states (a tenth of the bank, at most 256, is held
+out for the validation loss). No teacher call per step, targets from the teacher's own ODE in every round, and the
+student trains on the states it meets when sampling. The bank is rebuilt from the seed on resume (bit for bit on the
+same device); it holds M × (start_steps/2 + 1) images in the device's memory.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +40,7 @@ from diffusion_lab.diffusion.distillation import (
     DiscretePath,
     DistillationPath,
     FlowPath,
+    teacher_trajectories,
     teacher_walk,
     truncated_snr_weight,
     two_step_target,
@@ -38,6 +49,19 @@ from diffusion_lab.diffusion.flow_matching import FlowMatching
 from diffusion_lab.lit.module import DiffusionModule
 
 DISTILLATION_KEY = "distillation"
+BANK_CHUNK = 512  # trajectories the teacher walks at once while the bank is made
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrajectoryBank:
+    """The teacher's ODE states at every level of the finest student grid: states (M, levels, C, H, W), labels (M,)
+    or None, levels (the grid, noise first); trajectories from num_train on are held out for validation."""
+
+    states: torch.Tensor
+    labels: torch.Tensor | None
+    levels: torch.Tensor
+    num_train: int
 
 
 class TeacherStudent(DiffusionModule):
@@ -154,6 +178,8 @@ class ProgressiveDistillation(TeacherStudent):
         final_steps: int,
         steps_per_round: int,
         teacher_substeps: int = 1,
+        trajectories: int | None = None,
+        trajectory_seed: int = 0,
         **module_args: Any,
     ) -> None:
         rounds = math.log2(start_steps / final_steps) if final_steps >= 1 and start_steps > final_steps else 0
@@ -169,9 +195,16 @@ class ProgressiveDistillation(TeacherStudent):
                 f"teacher_substeps={teacher_substeps} must be a power of two (1, 2, 4, …): the teacher's finer grid "
                 "must hold the student's points."
             )
+        if trajectories is not None and trajectories < 10:
+            raise ValueError(
+                f"trajectories={trajectories}: the bank needs at least 10 teacher trajectories (a tenth is held out "
+                "for validation); thousands are usual (6400 for MNIST), or null to walk the teacher at every step."
+            )
         super().__init__(**module_args)
         self.start_steps, self.final_steps, self.steps_per_round = start_steps, final_steps, steps_per_round
         self.teacher_substeps = teacher_substeps
+        self.trajectories, self.trajectory_seed = trajectories, trajectory_seed
+        self._bank: TrajectoryBank | None = None
         self.num_rounds = int(rounds)
         finest = start_steps * teacher_substeps
         if self.diffusion is not None and finest > self.diffusion.num_train_timesteps:
@@ -198,7 +231,9 @@ class ProgressiveDistillation(TeacherStudent):
     def _set_round_sampler(self) -> None:
         steps = self.student_steps()
         sampler = self.student_path.student_sampler(steps)
-        self.set_student_sampler(sampler, method="progressive", round=self.round, student_steps=steps)
+        self.set_student_sampler(
+            sampler, method="progressive", round=self.round, student_steps=steps, trajectories=self.trajectories
+        )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         round_index = self.round_of_step(self.global_step)
@@ -206,12 +241,14 @@ class ProgressiveDistillation(TeacherStudent):
             self._promote()
 
     def _promote(self) -> None:
-        """The round ends: the student's EMA weights (its raw ones without EMA) teach the next round."""
-        ema = find_ema(self._trainer)
-        averaged = ema.ema_module(self) if ema is not None else self
-        self.teacher.load_state_dict(averaged.net.state_dict())
-        self.teacher.to(self.device)
-        self.teacher_path = self.student_path
+        """The round ends: the student's EMA weights (its raw ones without EMA) teach the next round (from a bank,
+        the original teacher's trajectories go on teaching, and the teacher stays for a resumed run to rebuild it)."""
+        if self.trajectories is None:
+            ema = find_ema(self._trainer)
+            averaged = ema.ema_module(self) if ema is not None else self
+            self.teacher.load_state_dict(averaged.net.state_dict())
+            self.teacher.to(self.device)
+            self.teacher_path = self.student_path
         self.round += 1
         self._set_round_sampler()
 
@@ -232,16 +269,12 @@ class ProgressiveDistillation(TeacherStudent):
         self, net: nn.Module, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample max(SNR, 1)·‖x̂₀ − x̃‖² at a student step drawn uniformly, and the levels it was taken at."""
-        steps, per_step = self.student_steps(), self.teacher_steps_per_student_step()
-        fine = self._grid(steps * per_step, x0.device)  # the teacher's grid; every per_step-th point is ours
-        index = torch.randint(0, steps, (x0.shape[0],), device=x0.device, generator=generator)
-        levels = [fine[per_step * index + j] for j in range(per_step + 1)]
-        t, s = levels[0], levels[-1]
-        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        if self.trajectories is not None:
+            # validation (eval mode) draws from the held-out trajectories; x0 and labels give only the batch size
+            z_t, z_s, t, s, labels = self._bank_pairs(x0.shape[0], x0.device, generator, held_out=not self.training)
+        else:
+            z_t, z_s, t, s = self._teacher_pairs(x0, labels, generator)
         path = self.student_path
-        z_t = path.noisy(x0, t, noise)
-        clip = self.sampler_settings.get("clip_sample", True)  # the teacher's DDIM clamps x̂₀ as its sampler does
-        z_s = teacher_walk(self.teacher_fn(labels), self.teacher_path, z_t, levels, clip)
         x_in, noise_input = path.network_input(z_t, t)
         output = net(x_in, noise_input, labels) if labels is not None else net(x_in, noise_input)
         with torch.autocast(device_type=x0.device.type, enabled=False):
@@ -251,6 +284,73 @@ class ProgressiveDistillation(TeacherStudent):
             x0_hat = path.denoised(output.float(), z_t.float(), t)
             squared_error = (x0_hat - target).square().flatten(1).mean(dim=1)
             return truncated_snr_weight(alpha_t, sigma_t).flatten() * squared_error, t
+
+    def _teacher_pairs(
+        self, x0: torch.Tensor, labels: torch.Tensor | None, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, ...]:
+        """(z_t, z_s, t, s): a noised training image at a student level and where the teacher's steps take it."""
+        steps, per_step = self.student_steps(), self.teacher_steps_per_student_step()
+        fine = self._grid(steps * per_step, x0.device)  # the teacher's grid; every per_step-th point is ours
+        index = torch.randint(0, steps, (x0.shape[0],), device=x0.device, generator=generator)
+        levels = [fine[per_step * index + j] for j in range(per_step + 1)]
+        noise = torch.randn(x0.shape, device=x0.device, generator=generator)
+        z_t = self.student_path.noisy(x0, levels[0], noise)
+        clip = self.sampler_settings.get("clip_sample", True)  # the teacher's DDIM clamps x̂₀ as its sampler does
+        z_s = teacher_walk(self.teacher_fn(labels), self.teacher_path, z_t, levels, clip)
+        return z_t, z_s, levels[0], levels[-1]
+
+    # -- distilling from a bank of teacher trajectories ---------------------------------------------------------
+
+    def _bank_pairs(
+        self, count: int, device: torch.device, generator: torch.Generator | None, *, held_out: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(z_t, z_s, t, s, labels) for ``count`` student steps between two states of one bank trajectory."""
+        bank = self.trajectory_bank(device)
+        steps = self.student_steps()
+        stride = (len(bank.levels) - 1) // steps
+        low, high = (bank.num_train, len(bank.states)) if held_out else (0, bank.num_train)
+        which = torch.randint(low, high, (count,), device=device, generator=generator)
+        start = stride * torch.randint(0, steps, (count,), device=device, generator=generator)
+        labels = None if bank.labels is None else bank.labels[which]
+        pairs = bank.states[which, start], bank.states[which, start + stride]
+        return *pairs, bank.levels[start], bank.levels[start + stride], labels
+
+    def trajectory_bank(self, device: torch.device) -> TrajectoryBank:
+        """The bank on ``device``, made on first use: the original teacher's deterministic walk from seeded noises
+        through the finest student grid, each of its steps in 2 × teacher_substeps of the teacher's."""
+        if self._bank is not None and self._bank.states.device == device:
+            return self._bank
+        started = time.perf_counter()
+        points, every = self.start_steps // 2, 2 * self.teacher_substeps
+        fine = self.student_path.grid(points * every).to(device)
+        generator = torch.Generator(device=device).manual_seed(self.trajectory_seed + 1_000_003 * self.global_rank)
+        labels = self._bank_labels(generator, device)
+        shape = (self.net.in_channels, self.net.image_size, self.net.image_size)
+        clip = self.sampler_settings.get("clip_sample", True)
+        chunks = []
+        for first in range(0, self.trajectories, BANK_CHUNK):
+            count = min(BANK_CHUNK, self.trajectories - first)
+            noise = torch.randn((count, *shape), device=device, generator=generator)
+            chunk_labels = None if labels is None else labels[first : first + count]
+            walk = teacher_trajectories(self.teacher_fn(chunk_labels), self.teacher_path, noise, fine, every, clip)
+            chunks.append(walk.float())
+        held_out = min(256, self.trajectories // 10)
+        self._bank = TrajectoryBank(torch.cat(chunks), labels, fine[::every], self.trajectories - held_out)
+        log.info(
+            "distillation bank: %d teacher trajectories, %d teacher calls each, in %.1f s",
+            self.trajectories, points * every, time.perf_counter() - started,
+        )  # fmt: skip
+        return self._bank
+
+    def _bank_labels(self, generator: torch.Generator, device: torch.device) -> torch.Tensor | None:
+        """Uniform class labels for the bank's trajectories, a label_dropout share of them null (unconditional)."""
+        if self.num_classes is None:
+            return None
+        labels = torch.randint(0, self.num_classes, (self.trajectories,), device=device, generator=generator)
+        if self.label_dropout > 0:
+            dropped = torch.rand(self.trajectories, device=device, generator=generator) < self.label_dropout
+            labels = torch.where(dropped, torch.full_like(labels, self.null_label), labels)
+        return labels
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
