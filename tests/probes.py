@@ -41,3 +41,21 @@ class StopAtStep(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class DumpBankPerRank(L.Callback):
+    """At the end of a distillation from a trajectory bank, each rank writes its bank's first states and its student's
+    weights to ``<output_dir>/bank_rank<r>.pt`` (DDP tests run in other processes)."""
+
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = output_dir
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from pathlib import Path
+
+        bank = pl_module.trajectory_bank(pl_module.device)
+        folder = Path(self.output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().clone() for k, v in pl_module.net.state_dict().items()}
+        dump = {"states": bank.states[:4].clone(), "weights": weights}
+        torch.save(dump, folder / f"bank_rank{trainer.global_rank}.pt")

@@ -390,3 +390,23 @@ def test_distilling_from_a_bank_resumes_bit_exact_and_keeps_the_original_teacher
         assert torch.equal(value, original[f"net.{key}"]), key
     learnt = stored["state_dict"]["net.output.2.weight"]
     assert not torch.equal(learnt, original["net.output.2.weight"])  # the student moved away from its teacher
+
+
+def test_each_ddp_rank_distils_from_its_own_bank_in_bf16(flow_teacher, tmp_path):
+    """trainer=ddp_cpu in bf16-mixed: each rank builds its own bank (seeded by rank: different trajectories, twice
+    the data) and the ranks end with the same student, as DDP's averaged gradients require."""
+    from tests.conftest import REPO_ROOT, run_cli
+
+    dumps = tmp_path / "dumps"
+    result = run_cli(
+        [f"teacher={flow_teacher}", *DISTILL, "distillation.trajectories=40", "trainer=ddp_cpu",
+         "trainer.precision=bf16-mixed", "+callbacks.bank._target_=tests.probes.DumpBankPerRank",
+         f"+callbacks.bank.output_dir={dumps}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path, module="diffusion_lab.distill", env_extra={"PYTHONPATH": str(REPO_ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(dumps / f"bank_rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert not torch.equal(ranks[0]["states"], ranks[1]["states"])
+    assert ranks[0]["weights"].keys() == ranks[1]["weights"].keys()
+    for key, value in ranks[0]["weights"].items():
+        assert torch.equal(value, ranks[1]["weights"][key]), key
