@@ -205,6 +205,17 @@ def test_images_per_s_is_the_runs_mean_rate_over_all_processes_not_the_last_wind
     assert run.images_per_s == pytest.approx(2 * 2560 / 12.8)
 
 
+def test_figure_legends_name_a_run_by_its_folder_when_its_label_would_not_fit():
+    """Distillation runs differ in a teacher path and several overrides (≈ 250 characters): as legends they
+    squeezed the loss plots to slivers, so a figure names such a run by its folder (the runs table maps the two)."""
+    run = Run(path=Path("outputs/j_mnist"), overrides={}, config={}, rows=[], wall_seconds=None, grid=None,
+              evaluations=[])  # fmt: skip
+    run.label = "schedule=cosine"
+    assert run.legend_name == "schedule=cosine"
+    run.label = "teacher=/tmp/sweep/flow_matching_s0/checkpoints/last.ckpt distillation.trajectories=6400"
+    assert run.legend_name == "j_mnist"
+
+
 def test_a_crashed_job_is_listed_and_the_rest_reported(tmp_path):
     write_run(tmp_path / "sweep" / "0", {"schedule": "linear"}, 0.1, 20.0)
     crashed = tmp_path / "sweep" / "1"

@@ -81,13 +81,13 @@ def loss_curves(runs: list[Run], path: Path) -> Path | None:
     fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 4.2))
     for index, run in enumerate(runs):
         steps, values = zip(*run.series("train/loss"), strict=True) if run.series("train/loss") else ((), ())
-        train_ax.plot(steps, _smooth(list(values)), color=_colour(index), label=run.label, linewidth=1.3)
+        train_ax.plot(steps, _smooth(list(values)), color=_colour(index), label=run.legend_name, linewidth=1.3)
         for key, style in (("val/loss", "--"), ("val/loss_ema", "-")):
             series = run.series(key)
             if series:
                 xs, ys = zip(*series, strict=True)
                 val_ax.plot(xs, ys, style, marker="o", markersize=3, color=_colour(index), linewidth=1.2,
-                            label=f"{run.label} ({'EMA' if key.endswith('ema') else 'raw'})")  # fmt: skip
+                            label=f"{run.legend_name} ({'EMA' if key.endswith('ema') else 'raw'})")  # fmt: skip
     train_ax.set(title="training loss (exponentially smoothed, 0.8)", xlabel="optimiser step", ylabel="train/loss")
     val_ax.set(title="validation loss (colours as left): EMA solid, raw dashed", xlabel="optimiser step",
                ylabel="val/loss (fixed seeds)")  # fmt: skip
@@ -108,7 +108,7 @@ def loss_profile(runs: list[Run], path: Path) -> Path | None:
     for index, run in profiled:
         profile = run.loss_profile
         centres = [(k + 0.5) / len(profile) for k in range(len(profile))]
-        ax.plot(centres, profile, marker="o", markersize=3, color=_colour(index), label=run.label)
+        ax.plot(centres, profile, marker="o", markersize=3, color=_colour(index), label=run.legend_name)
     ax.set(title="loss by timestep range at the end of training", xlabel="t / T (bucket centre; 0 = clean, 1 = noise)",
            ylabel="train/loss_t (weighted loss)", yscale="log")  # fmt: skip
     _plain_numbers(ax)
@@ -144,7 +144,8 @@ def fid_against_step(runs: list[Run], path: Path, features: str = INCEPTION) -> 
         steps = [r["protocol"]["global_step"] for r in records]
         for ax, metric in zip(axes[0], ("fid", "kid_mean"), strict=False):
             ax.plot(steps, [r["metrics"].get(metric, float("nan")) for r in records], styles.get(label, "-"),
-                    marker="o", markersize=3, color=_colour(index), label=f"{runs[index].label} · {label}")  # fmt: skip
+                    marker="o", markersize=3, color=_colour(index),
+                    label=f"{runs[index].legend_name} · {label}")  # fmt: skip
     names = [metric_label(name, {"feature_extractor": features}) for name in ("FID", "KID")]
     for ax, name in zip(axes[0], names, strict=False):
         ax.set(title=f"{name} against training step", xlabel="optimiser step of the checkpoint", ylabel=name)
@@ -173,7 +174,7 @@ def fid_against_ema_length(runs: list[Run], path: Path, features: str = INCEPTIO
     for (index, label), points in sorted(curves.items()):
         lengths = sorted(points)
         ax.plot(lengths, [points[x] for x in lengths], marker="o", markersize=3, color=_colour(index),
-                label=f"{runs[index].label} · {label}")  # fmt: skip
+                label=f"{runs[index].legend_name} · {label}")  # fmt: skip
     fid = metric_label("FID", {"feature_extractor": features})
     ax.set(title=f"{fid} against the post-hoc EMA length", xlabel="relative EMA length σ_rel (EDM2)", ylabel=fid)
     ax.grid(alpha=0.3)
@@ -248,7 +249,7 @@ def sample_grids(runs: list[Run], path: Path) -> Path | None:
     for ax, run in zip(axes.flat, shown, strict=False):
         ax.imshow(Image.open(run.grid).convert("RGB"), interpolation="nearest")
         step = int(run.grid.stem.split("_")[-1])
-        ax.set_title(f"{run.label}\nsamples at step {step}", fontsize=8)
+        ax.set_title(f"{run.legend_name}\nsamples at step {step}", fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

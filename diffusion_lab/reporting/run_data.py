@@ -25,6 +25,9 @@ LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\]")
 IGNORED_OVERRIDES = ("hydra.", "paths.", "ckpt_path", "print_config")
 
 
+LEGEND_WIDTH = 60  # characters of a run label a figure legend shows before it names the folder instead
+
+
 @dataclass
 class Run:
     """Everything the report reads from one run folder (nothing is written there)."""
@@ -39,6 +42,12 @@ class Run:
     problem: str | None = None
     label: str = ""
     columns: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def legend_name(self) -> str:
+        """The label where it fits a figure's legend, else the run's folder name (the runs table gives both): a
+        distillation's teacher path and its overrides would squeeze the plots to slivers."""
+        return self.label if len(self.label) <= LEGEND_WIDTH else self.path.name
 
     def series(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of every logged value of ``key``."""
