@@ -260,6 +260,23 @@ DISTILL = ["distillation.start_steps=8", "distillation.final_steps=2", "distilla
            "callbacks.sample_grid.num_samples=4", "trainer.limit_val_batches=1", "batch_size=32"]  # fmt: skip
 
 
+def assert_the_last_grid_draws_with_the_last_rounds_sampler(student, grid_path) -> None:
+    """The sample grid at the last round's end shows the student drawn with that round's steps, not the first
+    round's (the EMA copy of the module was made when training started, with the first round's sampler)."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusion_lab.data.base import to_uint8
+    from diffusion_lab.generation.grids import image_grid
+
+    drawn = np.asarray(Image.open(grid_path).convert("L"), dtype=np.float64)
+    distance = {}
+    for steps in (2, 4):
+        images = to_uint8(student.generate(seeds=range(4), num_steps=steps))
+        distance[steps] = np.abs(image_grid(images, None, 32)[0].double().numpy() - drawn).mean()
+    assert distance[2] < distance[4] / 3, distance
+
+
 def final_state(path):
     from diffusion_lab.runs.checkpoints import load_checkpoint
 
@@ -285,6 +302,7 @@ def test_the_distill_job_halves_per_round_records_its_sampler_and_resumes_bit_ex
     module, _ = load_module(straight / "checkpoints" / "last.ckpt")  # a plain DiffusionModule, the student alone
     assert type(module).__name__ == "DiffusionModule" and module.sampler_settings["num_steps"] == 2
     assert torch.isfinite(module.generate(seeds=range(2))).all()
+    assert_the_last_grid_draws_with_the_last_rounds_sampler(module, straight / "samples" / "step_0000008.png")
 
     assert_resuming_mid_round_is_bit_exact([f"teacher={checkpoint}", *DISTILL], straight, compose_config)
 

@@ -80,10 +80,14 @@ class DiffusionEMA(EMAWeightAveraging):
         self._swapped = not self._swapped
 
     def ema_module(self, pl_module: L.LightningModule) -> L.LightningModule:
-        """The module that holds the averaged weights now."""
+        """The module that holds the averaged weights now, drawing with the live module's sampler settings: the
+        average is a copy made when training started, and a distillation round changes the sampler since."""
         if self._average_model is None or self._swapped:
             return pl_module
-        return self._average_model.module
+        averaged = self._average_model.module
+        if hasattr(pl_module, "sampler_settings"):
+            averaged.sampler_settings = pl_module.sampler_settings
+        return averaged
 
     def raw_module(self, pl_module: L.LightningModule) -> L.LightningModule:
         """The module that holds the optimiser's (un-averaged) weights now."""
