@@ -109,9 +109,8 @@ def compile_in_place(contender: Contender) -> None:
     mode, model = contender.compile_mode, contender.model
     if mode == "none":
         return
-    options = {"mode": "reduce-overhead"} if mode == "graphs" else {}
     if contender.name.startswith("ours"):
-        compile_network(model, "regional" if mode == "regional" else "full", **options)
+        compile_network(model, mode)  # the modes are compile=…'s own
     elif mode == "regional":
         blocks = [m for m in model.modules() if type(m).__name__ in PEER_BLOCKS]
         if not blocks:
@@ -119,7 +118,7 @@ def compile_in_place(contender: Contender) -> None:
         for block in blocks:
             block.compile()
     else:
-        model.compile(**options)
+        model.compile(**({"mode": "reduce-overhead"} if mode == "graphs" else {}))
 
 
 def winograd_active(device: str) -> bool:

@@ -17,15 +17,15 @@ import matplotlib.pyplot as plt
 import torch
 from torchvision.utils import make_grid
 
-from diffusion_lab.runs.checkpoints import load_module
+from diffusion_lab.runs.checkpoints import load_checkpoint, load_module
+from diffusion_lab.runs.layout import CONFIG_KEY
 
 
 def students_by_calls(run: Path) -> dict[int, Path]:
     """Each round checkpoint of a progressive run, keyed by the number of steps its sampler records."""
     found = {}
     for path in sorted((run / "checkpoints").glob("step_*.ckpt")):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        found[int(checkpoint["diffusion_lab_config"]["sampler"]["num_steps"])] = path
+        found[int(load_checkpoint(path)[CONFIG_KEY]["sampler"]["num_steps"])] = path
     return found
 
 

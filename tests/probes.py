@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
@@ -51,8 +52,6 @@ class DumpBankPerRank(L.Callback):
         self.output_dir = output_dir
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from pathlib import Path
-
         bank = pl_module.trajectory_bank(pl_module.device)
         folder = Path(self.output_dir)
         folder.mkdir(parents=True, exist_ok=True)
