@@ -238,7 +238,66 @@ def test_a_bank_of_teacher_trajectories_teaches_without_calling_the_teacher_agai
     assert torch.equal(again.trajectory_bank(torch.device("cpu")).states, bank.states)  # rebuilt from its seed
 
 
+def rollout_distiller() -> ProgressiveDistillation:
+    return ProgressiveDistillation(
+        teacher=ExactVelocity(), teacher_prediction_type="velocity", start_steps=8, final_steps=4, steps_per_round=1,
+        teacher_substeps=8, trajectories=4096, trajectory_seed=3, net=AffineImage(), schedule=FlowMatching(),
+        sampler={"clip_sample": False}, rollout=True,
+    )  # fmt: skip
+
+
+def test_rollout_starts_each_training_pair_where_the_students_own_steps_take_the_banks_noise():
+    """distillation.rollout: a training pair starts from the student's own Euler walk from its trajectory's noise
+    (validation keeps the teacher's states), and the student still learns the exact flow from such pairs."""
+    distiller = rollout_distiller()
+    with torch.no_grad():  # a student whose walk is far from the teacher's
+        distiller.net.scale.uniform_(-1.0, 0.0, generator=torch.Generator().manual_seed(0))
+        distiller.net.shift.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(1))
+    bank = distiller.trajectory_bank(torch.device("cpu"))
+    which, start = torch.tensor([5, 6, 7, 8]), torch.tensor([0, 1, 2, 3])
+    ours = distiller._student_states(bank, which, start, 1, None)
+    for row, (trajectory, hops) in enumerate(zip(which.tolist(), start.tolist(), strict=True)):
+        z = bank.states[trajectory, 0]
+        for hop in range(hops):
+            t, s = float(bank.levels[hop]), float(bank.levels[hop + 1])
+            with torch.no_grad():
+                z = z + (s - t) * distiller.net(z[None], torch.tensor([NOISE_INPUT_SCALE * t]))[0]
+        assert torch.allclose(ours[row], z, atol=1e-6), row
+        assert hops == 0 or not torch.allclose(ours[row], bank.states[trajectory, hops], atol=0.05), row
+
+    def on_the_bank(z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Whether each state is one of the teacher's bank states at its level."""
+        levels = ((1.0 - t) / 0.25).round().long()
+        return torch.stack(
+            [
+                (bank.states[:, level] - z).flatten(1).abs().amax(1).amin() < 1e-6
+                for z, level in zip(z_t, levels, strict=True)
+            ]
+        )
+
+    for held_out in (True, False):
+        generator = torch.Generator().manual_seed(2)
+        z_t, _, t, _, _ = distiller._bank_pairs(256, torch.device("cpu"), generator, held_out=held_out)
+        expected = torch.ones_like(t, dtype=torch.bool) if held_out else t == 1.0  # training: the student's states
+        assert bool(on_the_bank(z_t, t).eq(expected).all()), held_out
+
+    trained = rollout_distiller()  # from the student's usual start (here: zero velocity), the exact flow is learnt
+    train_one_round(trained)
+    z = torch.randn(2, 2000, 1, 1, 1, generator=torch.Generator().manual_seed(1))
+    scale = lambda tau: math.sqrt((1 - tau) ** 2 * STD**2 + tau**2)  # noqa: E731
+    worst = 0.0
+    for t, s, z_t, ours in student_euler_steps(trained, z):
+        exact = (1 - s) * MEAN + scale(s) / scale(float(t[0])) * (z_t - (1 - float(t[0])) * MEAN)
+        worst = max(worst, float((ours - exact).abs().max()))
+    assert worst < 0.03, worst
+
+
 def test_a_bank_needs_enough_trajectories():
+    with pytest.raises(ValueError, match=r"rollout=true starts each pair .* it needs a bank \(distillation\.traj"):
+        ProgressiveDistillation(
+            teacher=ExactVelocity(), teacher_prediction_type="velocity", start_steps=8, final_steps=4,
+            steps_per_round=1, rollout=True, net=AffineImage(), schedule=FlowMatching(),
+        )  # fmt: skip
     with pytest.raises(ValueError, match=r"trajectories=5: the bank needs at least 10 teacher trajectories"):
         ProgressiveDistillation(
             teacher=ExactVelocity(), teacher_prediction_type="velocity", start_steps=8, final_steps=4,
@@ -412,13 +471,14 @@ def test_distilling_from_a_bank_resumes_bit_exact_and_keeps_the_original_teacher
 
 def test_each_ddp_rank_distils_from_its_own_bank_in_bf16(flow_teacher, tmp_path):
     """trainer=ddp_cpu in bf16-mixed: each rank builds its own bank (seeded by rank: different trajectories, twice
-    the data) and the ranks end with the same student, as DDP's averaged gradients require."""
+    the data) and the ranks end with the same student, as DDP's averaged gradients require — with rollout, whose
+    student walks run on each rank's own module under autocast."""
     from tests.conftest import REPO_ROOT, run_cli
 
     dumps = tmp_path / "dumps"
     result = run_cli(
-        [f"teacher={flow_teacher}", *DISTILL, "distillation.trajectories=40", "trainer=ddp_cpu",
-         "trainer.precision=bf16-mixed", "+callbacks.bank._target_=tests.probes.DumpBankPerRank",
+        [f"teacher={flow_teacher}", *DISTILL, "distillation.trajectories=40", "distillation.rollout=true",
+         "trainer=ddp_cpu", "trainer.precision=bf16-mixed", "+callbacks.bank._target_=tests.probes.DumpBankPerRank",
          f"+callbacks.bank.output_dir={dumps}", f"hydra.run.dir={tmp_path / 'run'}"],
         cwd=tmp_path, module="diffusion_lab.distill", env_extra={"PYTHONPATH": str(REPO_ROOT)},
     )  # fmt: skip

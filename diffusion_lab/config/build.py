@@ -227,6 +227,7 @@ def build_distillation(cfg: DictConfig, teacher_checkpoint: dict[str, Any], run_
             "teacher_substeps": int(settings.get("teacher_substeps", 1)),
             "trajectories": None if settings.get("trajectories") is None else int(settings.trajectories),
             "trajectory_seed": int(cfg.seed),
+            "rollout": bool(settings.get("rollout", False)),
         }
     else:
         huber_c = settings.get("huber_c")

@@ -18,8 +18,10 @@ With ``trajectories`` = M the targets come from a bank instead: on its first ste
 solve its ODE from M seeded noises through the finest student grid (``teacher_trajectories``), and every round
 regresses the student's single step between two of the bank's states (a tenth of the bank, at most 256, is held
 out for the validation loss). No teacher call per step, targets from the teacher's own ODE in every round, and the
-student trains on the states it meets when sampling. The bank is rebuilt from the seed on resume (bit for bit on the
-same device); it holds M × (start_steps/2 + 1) images in the device's memory.
+student trains on the states it meets when sampling. With ``rollout`` each training pair starts instead where the
+student's own steps take the trajectory's noise (the target stays the teacher's next state): the student learns to
+step back onto the teacher's trajectory from where its earlier steps really leave it. The bank is rebuilt from the
+seed on resume (bit for bit on the same device); it holds M × (start_steps/2 + 1) images in the device's memory.
 """
 
 from __future__ import annotations
@@ -101,9 +103,14 @@ class TeacherStudent(DiffusionModule):
 
     def teacher_fn(self, labels: torch.Tensor | None):
         """The teacher's network output at (x, t) for these labels (none: unconditional)."""
+        return self.teacher_fn_of(self.teacher, labels)
+
+    @staticmethod
+    def teacher_fn_of(network: nn.Module, labels: torch.Tensor | None):
+        """``network``'s output at (x, t) for these labels (none: unconditional)."""
 
         def call(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            return self.teacher(x, timesteps, labels) if labels is not None else self.teacher(x, timesteps)
+            return network(x, timesteps, labels) if labels is not None else network(x, timesteps)
 
         return call
 
@@ -180,6 +187,7 @@ class ProgressiveDistillation(TeacherStudent):
         teacher_substeps: int = 1,
         trajectories: int | None = None,
         trajectory_seed: int = 0,
+        rollout: bool = False,
         **module_args: Any,
     ) -> None:
         rounds = math.log2(start_steps / final_steps) if final_steps >= 1 and start_steps > final_steps else 0
@@ -200,10 +208,16 @@ class ProgressiveDistillation(TeacherStudent):
                 f"trajectories={trajectories}: the bank needs at least 10 teacher trajectories (a tenth is held out "
                 "for validation); thousands are usual (6400 for MNIST), or null to walk the teacher at every step."
             )
+        if rollout and trajectories is None:
+            raise ValueError(
+                "rollout=true starts each pair where the student's own steps take a bank trajectory's noise: it needs "
+                "a bank (distillation.trajectories=M, e.g. 6400), or set distillation.rollout=false."
+            )
         super().__init__(**module_args)
         self.start_steps, self.final_steps, self.steps_per_round = start_steps, final_steps, steps_per_round
         self.teacher_substeps = teacher_substeps
         self.trajectories, self.trajectory_seed = trajectories, trajectory_seed
+        self.rollout = rollout
         self._bank: TrajectoryBank | None = None
         self.num_rounds = int(rounds)
         finest = start_steps * teacher_substeps
@@ -312,8 +326,26 @@ class ProgressiveDistillation(TeacherStudent):
         which = torch.randint(low, high, (count,), device=device, generator=generator)
         start = stride * torch.randint(0, steps, (count,), device=device, generator=generator)
         labels = None if bank.labels is None else bank.labels[which]
-        pairs = bank.states[which, start], bank.states[which, start + stride]
-        return *pairs, bank.levels[start], bank.levels[start + stride], labels
+        z_t = bank.states[which, start]
+        if self.rollout and not held_out:
+            z_t = self._student_states(bank, which, start, stride, labels)
+        return z_t, bank.states[which, start + stride], bank.levels[start], bank.levels[start + stride], labels
+
+    def _student_states(
+        self, bank: TrajectoryBank, which: torch.Tensor, start: torch.Tensor, stride: int, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Where the student's own steps take each pair's bank noise by its start level (it learns to step back onto
+        the teacher's trajectory from the states it reaches when it samples, not only from the teacher's)."""
+        z = bank.states[which, 0].clone()
+        hops = start // stride
+        clip = self.sampler_settings.get("clip_sample", True)
+        for hop in range(int(hops.max())):
+            moving = (hops > hop).nonzero().squeeze(1)
+            count = len(moving)
+            levels = [bank.levels[hop * stride].expand(count), bank.levels[(hop + 1) * stride].expand(count)]
+            student = self.teacher_fn_of(self.net, None if labels is None else labels[moving])
+            z[moving] = teacher_walk(student, self.student_path, z[moving], levels, clip)
+        return z
 
     def trajectory_bank(self, device: torch.device) -> TrajectoryBank:
         """The bank on ``device``, made on first use: the original teacher's deterministic walk from seeded noises
