@@ -103,10 +103,10 @@ class TeacherStudent(DiffusionModule):
 
     def teacher_fn(self, labels: torch.Tensor | None):
         """The teacher's network output at (x, t) for these labels (none: unconditional)."""
-        return self.teacher_fn_of(self.teacher, labels)
+        return self.network_call(self.teacher, labels)
 
     @staticmethod
-    def teacher_fn_of(network: nn.Module, labels: torch.Tensor | None):
+    def network_call(network: nn.Module, labels: torch.Tensor | None):
         """``network``'s output at (x, t) for these labels (none: unconditional)."""
 
         def call(x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -343,8 +343,8 @@ class ProgressiveDistillation(TeacherStudent):
             moving = (hops > hop).nonzero().squeeze(1)
             count = len(moving)
             levels = [bank.levels[hop * stride].expand(count), bank.levels[(hop + 1) * stride].expand(count)]
-            student = self.teacher_fn_of(self.net, None if labels is None else labels[moving])
-            z[moving] = teacher_walk(student, self.student_path, z[moving], levels, clip)
+            student = self.network_call(self.net, None if labels is None else labels[moving])
+            z[moving] = teacher_walk(student, self.student_path, z[moving], levels, clip)  # any network's DDIM walk
         return z
 
     def trajectory_bank(self, device: torch.device) -> TrajectoryBank:
