@@ -238,6 +238,17 @@ def test_a_bank_of_teacher_trajectories_teaches_without_calling_the_teacher_agai
     assert torch.equal(again.trajectory_bank(torch.device("cpu")).states, bank.states)  # rebuilt from its seed
 
 
+class DroppingAffineImage(AffineImage):
+    """AffineImage with dropout on its output: different in every training-mode call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, x, noise_input, labels=None):
+        return self.dropout(super().forward(x, noise_input, labels))
+
+
 def rollout_distiller() -> ProgressiveDistillation:
     return ProgressiveDistillation(
         teacher=ExactVelocity(), teacher_prediction_type="velocity", start_steps=8, final_steps=4, steps_per_round=1,
@@ -280,6 +291,13 @@ def test_rollout_starts_each_training_pair_where_the_students_own_steps_take_the
         z_t, _, t, _, _ = distiller._bank_pairs(256, torch.device("cpu"), generator, held_out=held_out)
         expected = torch.ones_like(t, dtype=torch.bool) if held_out else t == 1.0  # training: the student's states
         assert bool(on_the_bank(z_t, t).eq(expected).all()), held_out
+
+    with_dropout = rollout_distiller()  # the walk samples as sampling does: in eval mode, so no dropout
+    with_dropout.net = DroppingAffineImage()
+    with torch.no_grad():
+        with_dropout.net.scale.fill_(-0.5)
+    walks = [with_dropout._student_states(bank, which, start, 1, None) for _ in range(2)]
+    assert torch.equal(walks[0], walks[1]) and with_dropout.net.training
 
     trained = rollout_distiller()  # from the student's usual start (here: zero velocity), the exact flow is learnt
     train_one_round(trained)

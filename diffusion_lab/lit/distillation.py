@@ -326,25 +326,30 @@ class ProgressiveDistillation(TeacherStudent):
         which = torch.randint(low, high, (count,), device=device, generator=generator)
         start = stride * torch.randint(0, steps, (count,), device=device, generator=generator)
         labels = None if bank.labels is None else bank.labels[which]
-        z_t = bank.states[which, start]
         if self.rollout and not held_out:
             z_t = self._student_states(bank, which, start, stride, labels)
+        else:
+            z_t = bank.states[which, start]
         return z_t, bank.states[which, start + stride], bank.levels[start], bank.levels[start + stride], labels
 
     def _student_states(
         self, bank: TrajectoryBank, which: torch.Tensor, start: torch.Tensor, stride: int, labels: torch.Tensor | None
     ) -> torch.Tensor:
         """Where the student's own steps take each pair's bank noise by its start level (it learns to step back onto
-        the teacher's trajectory from the states it reaches when it samples, not only from the teacher's)."""
+        the teacher's trajectory from the states it reaches when it samples, not only from the teacher's). The walk
+        runs in eval mode, as sampling does (no dropout)."""
         z = bank.states[which, 0].clone()
         hops = start // stride
         clip = self.sampler_settings.get("clip_sample", True)
+        training = self.net.training
+        self.net.eval()
         for hop in range(int(hops.max())):
             moving = (hops > hop).nonzero().squeeze(1)
             count = len(moving)
             levels = [bank.levels[hop * stride].expand(count), bank.levels[(hop + 1) * stride].expand(count)]
             student = self.network_call(self.net, None if labels is None else labels[moving])
             z[moving] = teacher_walk(student, self.student_path, z[moving], levels, clip)  # any network's DDIM walk
+        self.net.train(training)
         return z
 
     def trajectory_bank(self, device: torch.device) -> TrajectoryBank:
