@@ -1,5 +1,5 @@
 """Distil a trained checkpoint into a few-step sampler:
-``python -m diffusion_lab.distill teacher=<ckpt> [distillation=progressive|consistency] [key=value …]``.
+``python -m diffusion_lab.distill teacher=<ckpt> [distillation=progressive|progressive_bank|consistency] …``.
 
 Progressive distillation (Salimans & Ho 2022) halves the DDIM steps round by round, start_steps → final_steps;
 consistency distillation (Song et al. 2023; ``distillation.pairs=data``: consistency tuning as in ECT) trains a

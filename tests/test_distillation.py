@@ -466,19 +466,21 @@ def test_a_flow_matching_checkpoint_distils_into_euler_students_counted_right(
 def test_distilling_from_a_bank_resumes_bit_exact_and_keeps_the_original_teacher(
     flow_teacher, compose_config, tmp_path
 ):
-    """distillation.trajectories=M through the job: the bank is rebuilt from the seed when a run resumes mid-round
-    (same weights as a straight run, bit for bit), the original teacher stays in the checkpoints (the rounds learn
-    from its trajectories, not from the previous student), and the checkpoints record the bank's size."""
+    """The bank preset (distillation=progressive_bank: a bank, rollout) through the job, made small: the bank is
+    rebuilt from the seed when a run resumes mid-round (same weights as a straight run, bit for bit, rollout's
+    walks included), the original teacher stays in the checkpoints (the rounds learn from its trajectories, not
+    from the previous student), and the checkpoints record the bank's size and rollout."""
     from diffusion_lab.distill import distill
     from diffusion_lab.runs.checkpoints import load_checkpoint
 
-    bank = [f"teacher={flow_teacher}", *DISTILL, "distillation.trajectories=40"]
+    bank = [f"teacher={flow_teacher}", "distillation=progressive_bank", *DISTILL, "distillation.trajectories=40"]
     straight = tmp_path / "straight"
     distill(compose_config(bank, run_dir=straight, config_name="distill"))
     assert_resuming_mid_round_is_bit_exact(bank, straight, compose_config)
 
     stored = load_checkpoint(straight / "checkpoints" / "last.ckpt")
-    assert stored["diffusion_lab_config"]["distillation"]["trajectories"] == 40
+    recorded = stored["diffusion_lab_config"]["distillation"]
+    assert recorded["trajectories"] == 40 and recorded["rollout"] is True and recorded["method"] == "progressive"
     assert stored["diffusion_lab_config"]["sampler"]["num_steps"] == 2
     original = load_checkpoint(flow_teacher)["state_dict"]
     for key, value in stored["distillation"]["teacher"].items():
