@@ -112,7 +112,8 @@ def read_wandb_records(path):
     """The protobuf Records of a W&B transaction log (``run-*.wandb``).
 
     The file is a 7-byte header (":W&B", magic 0xBEE1, version) followed by 32 KiB blocks of LevelDB-log records
-    (crc32c: 4 bytes, length: 2, type: 1 = full, 2 = first, 3 = middle, 4 = last).
+    (crc32c: 4 bytes, length: 2, type: 1 = full, 2 = first, 3 = middle, 4 = last). A record still being written
+    at the end (wandb-core, another process, appends to the file) is left out, not parsed half-written.
     """
     import struct
 
@@ -128,7 +129,7 @@ def read_wandb_records(path):
             position += room
             continue
         _, length, kind = struct.unpack("<IHB", data[position : position + 7])
-        if kind == 0 and length == 0:
+        if (kind == 0 and length == 0) or position + 7 + length > len(data):
             break
         chunk = data[position + 7 : position + 7 + length]
         position += 7 + length
