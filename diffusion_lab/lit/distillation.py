@@ -48,7 +48,7 @@ from diffusion_lab.diffusion.distillation import (
     two_step_target,
 )
 from diffusion_lab.diffusion.flow_matching import FlowMatching
-from diffusion_lab.lit.module import DiffusionModule
+from diffusion_lab.lit.module import DiffusionModule, eval_mode
 
 DISTILLATION_KEY = "distillation"
 BANK_CHUNK = 512  # trajectories the teacher walks at once while the bank is made
@@ -341,15 +341,13 @@ class ProgressiveDistillation(TeacherStudent):
         z = bank.states[which, 0].clone()
         hops = start // stride
         clip = self.sampler_settings.get("clip_sample", True)
-        training = self.net.training
-        self.net.eval()
-        for hop in range(int(hops.max())):
-            moving = (hops > hop).nonzero().squeeze(1)
-            count = len(moving)
-            levels = [bank.levels[hop * stride].expand(count), bank.levels[(hop + 1) * stride].expand(count)]
-            student = self.network_call(self.net, None if labels is None else labels[moving])
-            z[moving] = teacher_walk(student, self.student_path, z[moving], levels, clip)  # any network's DDIM walk
-        self.net.train(training)
+        with eval_mode(self.net) as net:
+            for hop in range(int(hops.max())):
+                moving = (hops > hop).nonzero().squeeze(1)
+                count = len(moving)
+                levels = [bank.levels[hop * stride].expand(count), bank.levels[(hop + 1) * stride].expand(count)]
+                student = self.network_call(net, None if labels is None else labels[moving])
+                z[moving] = teacher_walk(student, self.student_path, z[moving], levels, clip)  # any network's walk
         return z
 
     def trajectory_bank(self, device: torch.device) -> TrajectoryBank:

@@ -4,7 +4,8 @@ logic only; the maths lives in ``diffusion_lab.diffusion``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -39,6 +40,18 @@ SAMPLER_DEFAULTS: dict[str, Any] = {
     "variance_type": None,  # the model's own: learned_range if it learned its variance, else fixed_small
     "clip_sample": True,
 }
+
+
+@contextmanager
+def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+    """``net`` in eval mode (no dropout) for a while, then back in the mode it had: sampling and validation walks
+    inside training."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
 
 
 class DiffusionModule(L.LightningModule):
@@ -295,11 +308,8 @@ class DiffusionModule(L.LightningModule):
             return
         # During validation the EMA callback has swapped the averaged weights into this module.
         ema_loss = self.objective_loss(self.net, x0, labels, t, noise).mean()
-        raw_net = ema.raw_module(self).net
-        was_training = raw_net.training
-        raw_net.eval()
-        raw_loss = self.objective_loss(raw_net, x0, labels, t, noise).mean()
-        raw_net.train(was_training)
+        with eval_mode(ema.raw_module(self).net) as raw_net:
+            raw_loss = self.objective_loss(raw_net, x0, labels, t, noise).mean()
         self.log("val/loss", raw_loss, sync_dist=True, batch_size=x0.shape[0])
         self.log("val/loss_ema", ema_loss, prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
 
@@ -345,9 +355,7 @@ class DiffusionModule(L.LightningModule):
         if self.learned_variance and settings["variance_type"] != "learned_range":
             full_output = model_fn
             model_fn = lambda x, t: split_learned_variance(full_output(x, t))[0]  # noqa: E731  (mean only)
-        was_training = net.training
-        net.eval()
-        try:
+        with eval_mode(net):
             return sample(
                 model_fn,
                 self.noise_process,
@@ -359,8 +367,6 @@ class DiffusionModule(L.LightningModule):
                 return_trajectory=return_trajectory,
                 **settings,
             )
-        finally:
-            net.train(was_training)
 
     def resolve_sampler_settings(self, **overrides: Any) -> dict[str, Any]:
         """This module's sampler settings with ``overrides`` (keys left out keep the module's value; an explicit
