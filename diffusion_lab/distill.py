@@ -1,5 +1,6 @@
 """Distil a trained checkpoint into a few-step sampler:
-``python -m diffusion_lab.distill teacher=<ckpt> [distillation=progressive|progressive_bank|consistency] …``.
+``python -m diffusion_lab.distill teacher=<ckpt> [distillation=…] …``, where distillation is progressive,
+progressive_bank (the measured best for 4 calls), progressive_bank_2call (for 2) or consistency.
 
 Progressive distillation (Salimans & Ho 2022) halves the DDIM steps round by round, start_steps → final_steps;
 consistency distillation (Song et al. 2023; ``distillation.pairs=data``: consistency tuning as in ECT) trains a

@@ -489,6 +489,32 @@ def test_distilling_from_a_bank_resumes_bit_exact_and_keeps_the_original_teacher
     assert not torch.equal(learnt, original["net.output.2.weight"])  # the student moved away from its teacher
 
 
+def test_the_two_call_preset_learns_from_the_four_call_presets_bank_in_one_round(flow_teacher, compose_config):
+    """distillation=progressive_bank_2call walks the same teacher trajectories as progressive_bank (16 teacher calls
+    through the student grid, bit for bit: its measurements are against the same bank), and goes straight to two
+    calls in one round, each student step taught by eight of the teacher's."""
+    from diffusion_lab.config.build import build_distillation
+    from diffusion_lab.distill import inherit_teacher_config
+    from diffusion_lab.runs.checkpoints import load_checkpoint
+    from diffusion_lab.runs.layout import CONFIG_KEY
+
+    teacher = load_checkpoint(flow_teacher)
+    banks, students = [], []
+    for preset in ("progressive_bank", "progressive_bank_2call"):
+        cfg = compose_config([f"teacher={flow_teacher}", f"distillation={preset}", "distillation.trajectories=20"],
+                             config_name="distill")  # fmt: skip
+        inherit_teacher_config(cfg, teacher[CONFIG_KEY])
+        student = build_distillation(cfg, teacher)
+        banks.append(student.trajectory_bank(torch.device("cpu")))
+        students.append(student)
+    four, two = students
+    assert len(banks[0].levels) == 5 and torch.equal(banks[0].levels[::2], banks[1].levels)  # t = 1, ½, 0 in both
+    assert torch.equal(banks[0].states[:, ::2], banks[1].states)  # the same noises, walked to the same states
+    assert (four.num_rounds, four.student_steps()) == (1, 4)
+    assert (two.num_rounds, two.student_steps(), two.teacher_steps_per_student_step()) == (1, 2, 8)
+    assert two.rollout and two.steps_per_round > four.steps_per_round
+
+
 def test_each_ddp_rank_distils_from_its_own_bank_in_bf16(flow_teacher, tmp_path):
     """trainer=ddp_cpu in bf16-mixed: each rank builds its own bank (seeded by rank: different trajectories, twice
     the data) and the ranks end with the same student, as DDP's averaged gradients require — with rollout, whose
