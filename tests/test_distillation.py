@@ -238,6 +238,38 @@ def test_a_bank_of_teacher_trajectories_teaches_without_calling_the_teacher_agai
     assert torch.equal(again.trajectory_bank(torch.device("cpu")).states, bank.states)  # rebuilt from its seed
 
 
+class LabelledAffineImage(AffineImage):
+    num_classes, null_label = 10, 10  # the bank draws a label for every trajectory (10: none)
+
+
+class LabelShiftedVelocity(ExactVelocity):
+    """The exact velocity shifted by a hundredth of the label: a teacher whose walk depends on its label."""
+
+    def forward(self, x, noise_input, labels=None):
+        return super().forward(x, noise_input) + 0.01 * labels.reshape(-1, 1, 1, 1)
+
+
+def test_the_bank_walks_each_trajectory_with_its_own_label_across_chunks_and_walk_batches():
+    """The bank draws noises 512 at a time and walks them in smaller batches on a CPU: every trajectory is still its
+    own noise walked with its own label (null for label dropout), as walking it alone gives."""
+    from diffusion_lab.diffusion.distillation import teacher_trajectories
+    from diffusion_lab.lit.distillation import BANK_CHUNK, CPU_WALK_BATCH
+
+    distiller = ProgressiveDistillation(
+        teacher=LabelShiftedVelocity(), teacher_prediction_type="velocity", start_steps=8, final_steps=4,
+        steps_per_round=1, teacher_substeps=2, trajectories=600, trajectory_seed=3, net=LabelledAffineImage(),
+        schedule=FlowMatching(), sampler={"clip_sample": False}, label_dropout=0.2,
+    )  # fmt: skip
+    bank = distiller.trajectory_bank(torch.device("cpu"))
+    assert CPU_WALK_BATCH < BANK_CHUNK < 600 and bank.labels.shape == (600,)
+    assert set(bank.labels.tolist()) == set(range(11))  # every class, and the null label 10
+    fine = FlowPath(FlowMatching()).grid(16)
+    for row in (0, CPU_WALK_BATCH - 1, CPU_WALK_BATCH, BANK_CHUNK - 1, BANK_CHUNK, 599):
+        teacher = distiller.network_call(distiller.teacher, bank.labels[row : row + 1])
+        alone = teacher_trajectories(teacher, FlowPath(FlowMatching()), bank.states[row : row + 1, 0], fine, 4, False)
+        assert torch.allclose(alone[0], bank.states[row], atol=1e-6), row
+
+
 class DroppingAffineImage(AffineImage):
     """AffineImage with dropout on its output: different in every training-mode call."""
 
