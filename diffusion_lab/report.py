@@ -111,7 +111,7 @@ def _evaluation_section(document: Document, runs: list[Run], problems: list[str]
     for run, record in sorted(records, key=lambda r: (r[0].label, r[1]["protocol"].get("global_step", 0))):
         protocol, metrics = record["protocol"], record["metrics"]
         rows.append([
-            run.label or run.path.name, protocol.get("global_step"), sampler_label(protocol), ema_label(protocol),
+            run.legend_name or run.path.name, protocol.get("global_step"), sampler_label(protocol), ema_label(protocol),
             features_of(protocol),
             metrics.get("fid"), metrics.get("kid_mean"), protocol.get("num_samples"),
         ])  # fmt: skip

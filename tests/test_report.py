@@ -215,6 +215,38 @@ def test_figure_legends_name_a_run_by_its_folder_when_its_label_would_not_fit():
     run.label = "teacher=/tmp/sweep/flow_matching_s0/checkpoints/last.ckpt distillation.trajectories=6400"
     assert run.legend_name == "j_mnist"
 
+    from diffusion_lab.reporting.tables import Group  # FID against calls draws a line per seed group: the same rule
+
+    assert Group({"schedule": "cosine"}, [run]).legend_name == "schedule=cosine"
+    long = {"teacher": "/tmp/sweep/flow_matching_s0/checkpoints/last.ckpt", "distillation.trajectories": "6400"}
+    assert Group(long, [run]).legend_name == "j_mnist"
+
+
+def test_sampler_settings_other_than_the_defaults_are_columns_of_their_own():
+    """Two evaluations of one checkpoint at 2 Euler calls, on the plain and a shifted grid: the shifted one's
+    label names its shift, so the runs table shows both and neither hides the other (the report once showed a
+    shift-3 FID, 106.5, as the plain grid's 'euler·2', 76.7); the same for DDIM's η, spacing and Heun's churn."""
+    from diffusion_lab.reporting.run_data import sampler_label
+
+    def record(fid: float, **settings) -> dict:
+        sampler = {"sampler": "euler", "timestep_spacing": "trailing", "shift": 1.0, "eta": 0.0, **settings}
+        return {"protocol": {"sampler": sampler, "nfe_per_sample": 2, "global_step": 2000}, "metrics": {"fid": fid}}
+
+    run = Run(path=Path("teacher"), overrides={}, config={}, rows=[], wall_seconds=None, grid=None,
+              evaluations=[record(76.7), record(106.5, shift=3.0)])  # fmt: skip
+    labels = {sampler_label(r["protocol"]): r["metrics"]["fid"] for r in run.final_evaluations}
+    assert labels == {"euler·2": 76.7, "euler shift=3·2": 106.5}
+    assert sampler_label(record(0, sampler="ddim", eta=1.0, timestep_spacing="leading")["protocol"]) == (
+        "ddim/leading eta=1·2"
+    )
+    heun = {"sampler": "heun", "timestep_spacing": "karras", "sigma_max": 80.0, "s_churn": 40.0}
+    assert sampler_label({"sampler": heun, "nfe_per_sample": 19}) == "heun/karras σ≤80 s_churn=40·19"
+    assert sampler_label({"sampler": {"sampler": "ddim"}, "nfe_per_sample": 20}) == "ddim·20"  # an older record
+    ddpm = {"sampler": "ddpm", "variance_type": "fixed_small"}  # records hold the model's own variance resolved
+    assert sampler_label({"sampler": ddpm, "nfe_per_sample": 1000}) == "ddpm·1000"
+    ddpm["variance_type"] = "fixed_large"
+    assert sampler_label({"sampler": ddpm, "nfe_per_sample": 1000}) == "ddpm variance_type=fixed_large·1000"
+
 
 def test_a_crashed_job_is_listed_and_the_rest_reported(tmp_path):
     write_run(tmp_path / "sweep" / "0", {"schedule": "linear"}, 0.1, 20.0)

@@ -3,6 +3,7 @@ step and against network calls, and the runs' last sample grids side by side."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from diffusion_lab.reporting.run_data import INCEPTION, Run, features_of, metric
 from diffusion_lab.reporting.tables import Group, mean_std
 
 COLOURS = plt.get_cmap("tab10").colors
+PANELS_PER_ROW = 3  # of the FID-against-calls figure, one panel per sampler setting
 
 
 def _colour(index: int):
@@ -206,17 +208,19 @@ def fid_against_nfe(groups: list[Group], path: Path, features: str = INCEPTION) 
     else:
         panels = [(name, points[name], None) for name in samplers]
     # Each panel its own y range: samplers differ by orders of magnitude at few calls.
-    width = 5.5 * len(panels) + (2 if len(groups) == 1 else 0)
-    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.2), squeeze=False)
-    for ax, (title, lines, line_names) in zip(axes[0], panels, strict=True):
+    # At most PANELS_PER_ROW side by side: a teacher scored by ten sampler settings was one 5000-pixel row.
+    columns = min(len(panels), PANELS_PER_ROW)
+    rows = math.ceil(len(panels) / columns)
+    width = 5.5 * columns + (2 if len(groups) == 1 else 0)
+    fig, axes = plt.subplots(rows, columns, figsize=(width, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (title, lines, line_names) in zip(axes.flat, panels, strict=False):
         colours = _colours(max(lines) + 1)
         for key, by_nfe in sorted(lines.items()):
             nfes = sorted(by_nfe)
             stats = [mean_std(by_nfe[n]) for n in nfes]
-            if line_names is None:
-                label = " ".join(f"{k}={v}" for k, v in groups[key].settings.items()) or "all runs"
-            else:
-                label = line_names[key]
+            label = groups[key].legend_name if line_names is None else line_names[key]
             ax.errorbar(nfes, [s[0] for s in stats], yerr=[s[1] for s in stats], marker="o", markersize=3,
                         capsize=3, color=colours[key], label=f"{label} (n={stats[0][2]})")  # fmt: skip
         if floors:

@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from diffusion_lab.config.schemas import SamplerConfig, TimestepSpacing
 from diffusion_lab.diffusion.samplers.sigmas import SIGMA_SPACINGS
 from diffusion_lab.runs.folders import last_error_line
 from diffusion_lab.runs.layout import HYDRA_CONFIG, HYDRA_OVERRIDES, METRICS_CSV, SAMPLE_GRIDS, run_config
@@ -25,6 +26,13 @@ LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\]")
 IGNORED_OVERRIDES = ("hydra.", "paths.", "ckpt_path", "print_config")
 
 
+# The settings a sampler label names when a record's differ from these (the sampler, its steps, spacing and σ cap
+# are named on their own; DDPM's variance, which records hold resolved, only when it is not fixed_small).
+SAMPLER_DEFAULTS = {
+    key: value
+    for key, value in vars(SamplerConfig()).items()
+    if key not in ("sampler", "num_steps", "timestep_spacing", "sigma_max", "variance_type")
+}
 LEGEND_WIDTH = 60  # characters of a run label a figure legend shows before it names the folder instead
 
 
@@ -116,14 +124,22 @@ def metric_label(name: str, protocol: dict[str, Any]) -> str:
 
 
 def sampler_label(protocol: dict[str, Any]) -> str:
-    """'ddim·20', 'heun/karras·19' — the sampler, a σ spacing when it walks one, and its network calls per
-    sample."""
+    """'ddim·20', 'heun/karras·19', 'euler shift=3·2' — the sampler, its spacing unless trailing, every other
+    setting that is not the default, and its network calls per sample: two settings are two columns and lines, never
+    one label whose newest record hides the other (a shifted grid's FID once stood for the plain one's)."""
     sampler = protocol.get("sampler") or {}
     name = {"dpm_solver++": "dpm++"}.get(sampler.get("sampler"), sampler.get("sampler") or "samples")
-    if sampler.get("timestep_spacing") in SIGMA_SPACINGS:
-        name = f"{name}/{sampler['timestep_spacing']}"
-        if sampler.get("sigma_max") is not None:
-            name = f"{name} σ≤{sampler['sigma_max']:g}"
+    spacing = sampler.get("timestep_spacing", TimestepSpacing.trailing.value)
+    if spacing != TimestepSpacing.trailing.value:
+        name = f"{name}/{spacing}"
+    if spacing in SIGMA_SPACINGS and sampler.get("sigma_max") is not None:
+        name = f"{name} σ≤{sampler['sigma_max']:g}"
+    for key, default in SAMPLER_DEFAULTS.items():
+        value = sampler.get(key, default)
+        if value != default:
+            name = f"{name} {key}={value:g}" if isinstance(value, float) else f"{name} {key}={value}"
+    if sampler.get("sampler") == "ddpm" and sampler.get("variance_type") not in (None, "fixed_small"):  # resolved
+        name = f"{name} variance_type={sampler['variance_type']}"
     nfe = protocol.get("nfe_per_sample")
     return f"{name}·{nfe}" if nfe else name
 
