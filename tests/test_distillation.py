@@ -17,6 +17,7 @@ from diffusion_lab.diffusion.distillation import (
     FlowPath,
     ddim_step,
     student_grid,
+    teacher_trajectories,
     teacher_walk,
     two_step_target,
 )
@@ -252,7 +253,6 @@ class LabelShiftedVelocity(ExactVelocity):
 def test_the_bank_walks_each_trajectory_with_its_own_label_across_chunks_and_walk_batches():
     """The bank draws noises 512 at a time and walks them in smaller batches on a CPU: every trajectory is still its
     own noise walked with its own label (null for label dropout), as walking it alone gives."""
-    from diffusion_lab.diffusion.distillation import teacher_trajectories
     from diffusion_lab.lit.distillation import BANK_CHUNK, CPU_WALK_BATCH
 
     distiller = ProgressiveDistillation(

@@ -371,11 +371,9 @@ class ProgressiveDistillation(TeacherStudent):
             count = min(BANK_CHUNK, self.trajectories - first)
             noise = torch.randn((count, *shape), device=device, generator=generator)
             for part in range(0, count, walk_batch):
-                rows = slice(first + part, first + min(part + walk_batch, count))
-                teacher = self.teacher_fn(None if labels is None else labels[rows])
-                walk = teacher_trajectories(
-                    teacher, self.teacher_path, noise[part : part + walk_batch], fine, every, clip
-                )
+                stop = min(part + walk_batch, count)
+                teacher = self.teacher_fn(None if labels is None else labels[first + part : first + stop])
+                walk = teacher_trajectories(teacher, self.teacher_path, noise[part:stop], fine, every, clip)
                 chunks.append(walk.float())
         held_out = min(256, self.trajectories // 10)
         self._bank = TrajectoryBank(torch.cat(chunks), labels, fine[::every], self.trajectories - held_out)

@@ -55,7 +55,7 @@ class Run:
     def legend_name(self) -> str:
         """The label where it fits a figure's legend, else the run's folder name (the runs table gives both): a
         distillation's teacher path and its overrides would squeeze the plots to slivers."""
-        return self.label if len(self.label) <= LEGEND_WIDTH else self.path.name
+        return legend_text(self.label, self.path.name)
 
     def series(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of every logged value of ``key``."""
@@ -115,6 +115,11 @@ def _bucket(key: str) -> int:
 def features_of(protocol: dict[str, Any]) -> str:
     """The feature network a record's FID/KID were computed in (records without one predate the choice)."""
     return protocol.get("feature_extractor") or INCEPTION
+
+
+def legend_text(label: str, folder: str) -> str:
+    """``label`` where it fits a figure's legend (LEGEND_WIDTH characters), else the folder name."""
+    return label if len(label) <= LEGEND_WIDTH else folder
 
 
 def metric_label(name: str, protocol: dict[str, Any]) -> str:

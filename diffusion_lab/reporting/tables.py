@@ -7,7 +7,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any
 
-from diffusion_lab.reporting.run_data import LEGEND_WIDTH, Run, metric_label, sampler_label
+from diffusion_lab.reporting.run_data import Run, legend_text, metric_label, sampler_label
 
 DEFAULT = "(default)"
 # Columns where larger is better; every other numeric column is better smaller (losses, FID, KID, time).
@@ -107,7 +107,7 @@ class Group:
         """Its settings where they fit a figure's legend, else its first run's folder name (as ``Run.legend_name``:
         a distillation's teacher path and overrides ran past the figure's edge)."""
         label = " ".join(f"{key}={value}" for key, value in self.settings.items()) or "all runs"
-        return label if len(label) <= LEGEND_WIDTH else self.runs[0].path.name
+        return legend_text(label, self.runs[0].path.name)
 
 
 def seed_groups(runs: list[Run], keys: list[str]) -> list[Group]:
